@@ -2,5 +2,9 @@
 
 from .configuration_florence_vl import FlorenceVLConfig
 from .modeling_florence_vl import FlorenceVLForConditionalGeneration, FlorenceVLModel, FlorenceVLPreTrainedModel
+from .processing_florence_vl import CHAT_TEMPLATES, FlorenceVLProcessor
 
-__all__ = ["FlorenceVLConfig", "FlorenceVLForConditionalGeneration", "FlorenceVLModel", "FlorenceVLPreTrainedModel"]
+__all__ = [
+    "CHAT_TEMPLATES",
+    "FlorenceVLProcessor",
+    "FlorenceVLConfig", "FlorenceVLForConditionalGeneration", "FlorenceVLModel", "FlorenceVLPreTrainedModel"]

@@ -19,6 +19,14 @@ DEFAULT_VISION_PROMPT_IDS = (
     (0, 574, 22486, 5, 8720, 11, 5, 2274, 6, 19, 49, 24173, 4, 2),
 )
 FUSION_MODES = ("channel_concat", "token_concat", "average")
+# Every auto class a saved folder answers to (lmms-eval loads `AutoModel` and expects the generating class).
+AUTO_MAP = {
+    "AutoConfig": "configuration_florence_vl.FlorenceVLConfig",
+    "AutoModel": "modeling_florence_vl.FlorenceVLForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_florence_vl.FlorenceVLForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_florence_vl.FlorenceVLForConditionalGeneration",
+    "AutoProcessor": "processing_florence_vl.FlorenceVLProcessor",
+}
 
 
 @strict
@@ -76,6 +84,7 @@ class FlorenceVLConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         self._validate()
 
     def _validate(self):
@@ -127,5 +136,7 @@ class FlorenceVLConfig(PreTrainedConfig):
         per_source = self.vision_grid_size**2 + 1
         return per_source * len(self.feature_sources) if self.fusion_mode == "token_concat" else per_source
 
+
+FlorenceVLConfig.register_for_auto_class()
 
 __all__ = ["FlorenceVLConfig"]

@@ -323,4 +323,6 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
         )
 
 
+FlorenceVLForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
 __all__ = ["FlorenceVLPreTrainedModel", "FlorenceVLModel", "FlorenceVLForConditionalGeneration"]
