@@ -1,0 +1,255 @@
+"""Florence-VL training with TRL's SFTTrainer: stage 1 (`pretrain`, everything trained) and stage 2
+(`finetune`, vision frozen; projector + LLM trained, optionally with LoRA via `--use_peft`).
+
+```bash
+# Stage 1 then stage 2 of a recipe (YAML files hold every argument; flags override them):
+accelerate launch --config_file train/accelerate/ddp.yaml train/sft.py --config train/recipes/phi35_pretrain.yaml
+accelerate launch --config_file train/accelerate/ddp.yaml train/sft.py --config train/recipes/phi35_finetune.yaml
+
+# The tiny shapes-and-words checkpoint shipped in checkpoints/ (CPU, ~15 min):
+python train/sft.py --config train/recipes/tiny_shapes_pretrain.yaml
+python train/sft.py --config train/recipes/tiny_shapes_finetune.yaml
+```
+
+Model sources, in order: `--model_name_or_path` (a Florence-VL folder or Hub id), `--florence2` + `--llm`
+(pretrained parts), or `--model_config` (a JSON of `FlorenceVLConfig` arguments, random weights) + `--tokenizer`.
+Data: `--dataset_name` (any `datasets` dataset in conversational format), `--llava_json` + `--image_folder`,
+or `--shapes_train_size` (the synthetic shapes-and-words task).
+"""
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+
+from florence_vl import FlorenceVLConfig, FlorenceVLForConditionalGeneration, FlorenceVLProcessor
+from florence_vl.processing_florence_vl import CHAT_TEMPLATES, florence2_image_processor
+from florence_vl.train import data as data_utils
+
+logger = logging.getLogger(__name__)
+VISION_PREFIX = "model.vision_tower."
+# LoRA lands on the LLM's projections only: the Florence-2 BART encoder has q_proj/k_proj/v_proj/out_proj too.
+LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj)"
+
+
+@dataclass
+class FlorenceVLArguments:
+    stage: str = field(default="finetune", metadata={"help": "pretrain (train everything) or finetune (vision frozen)."})
+    model_config: str | None = field(default=None, metadata={"help": "JSON of FlorenceVLConfig args (random init)."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder for --model_config, or "
+                                                                   "'shapes' for the task's built-in tokenizer."})
+    chat_template: str = field(default="phi3", metadata={"help": f"One of {sorted(CHAT_TEMPLATES)}."})
+    florence2: str | None = field(default=None, metadata={"help": "Native Florence-2 checkpoint (with --llm)."})
+    llm: str | None = field(default=None, metadata={"help": "Causal-LM checkpoint (with --florence2)."})
+    llava_json: str | None = field(default=None, metadata={"help": "LLaVA-style JSON/JSONL training data."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the --llava_json image paths live in."})
+    shapes_train_size: int = field(default=0, metadata={"help": "Train on N synthetic shapes-and-words examples."})
+    shapes_seed: int = field(default=0, metadata={"help": "Seed of the synthetic training examples."})
+    shapes_question_mix: float | None = field(default=None, metadata={"help": "Fraction of question examples."})
+    vision_freeze_steps: int = field(default=0, metadata={"help": "Pretrain: keep vision frozen for the first K "
+                                                                    "steps (warm-up), then train it."})
+    vision_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the vision part "
+                                                                             "(default: --learning_rate)."})
+    image_sensitivity_steps: int = field(default=0, metadata={"help": "Log image sensitivity every N steps (0: off)."})
+
+
+def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig):
+    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else None
+    if model_args.model_name_or_path:
+        kwargs = dict(trust_remote_code=True, attn_implementation=model_args.attn_implementation, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, **kwargs)
+        return model, AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+    if args.florence2 and args.llm:
+        from florence_vl.convert import from_pretrained_parts
+
+        return from_pretrained_parts(florence2=args.florence2, llm=args.llm, chat_template=args.chat_template)
+    if not (args.model_config and args.tokenizer):
+        raise ValueError("Give a model: --model_name_or_path, --florence2 with --llm, or --model_config with "
+                         "--tokenizer.")
+    if args.tokenizer == "shapes":
+        from florence_vl.train.tiny_tokenizer import build_tokenizer
+
+        tokenizer = build_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    with open(args.model_config) as file:
+        options = json.load(file)
+    options["image_token_id"] = tokenizer.convert_tokens_to_ids("<image>")
+    options.setdefault("text_config", {}).update(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = FlorenceVLConfig(**options)
+    model = FlorenceVLForConditionalGeneration(config)
+    if model_args.attn_implementation:
+        model.set_attn_implementation(model_args.attn_implementation)
+    end_ids = [tokenizer.convert_tokens_to_ids(token) for token in ("<|end|>", "<|eot_id|>")
+               if token in tokenizer.get_vocab()]
+    model.generation_config.eos_token_id = end_ids + [tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = FlorenceVLProcessor(
+        image_processor=florence2_image_processor(config.image_size), tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATES[args.chat_template], num_image_tokens=config.num_image_tokens,
+    )
+    return model, processor
+
+
+def load_train_dataset(args: FlorenceVLArguments, script_args: ScriptArguments):
+    if args.shapes_train_size:
+        from florence_vl.train.shapes import make_dataset
+
+        return make_dataset(args.shapes_train_size, seed=args.shapes_seed, stage=args.stage,
+                            question_mix=args.shapes_question_mix)
+    if args.llava_json:
+        from datasets import Dataset
+
+        report = data_utils.SkipReport()
+        examples = data_utils.load_llava_json(args.llava_json, args.image_folder or ".", report)
+        print(f"Data: {len(examples)} examples from {args.llava_json}; {report.summary()}")
+        return Dataset.from_list(examples)
+    if script_args.dataset_name:
+        return data_utils.load_any(script_args.dataset_name, split=script_args.dataset_train_split,
+                                   streaming=script_args.dataset_streaming)
+    raise ValueError("Either `dataset_name`, `llava_json` or `shapes_train_size` must be provided.")
+
+
+def set_vision_trainable(model, trainable: bool) -> None:
+    for name, parameter in model.named_parameters():
+        if VISION_PREFIX in name and "lora_" not in name:
+            parameter.requires_grad_(trainable)
+
+
+class VisionParamGroups:
+    """Optimizer factory for `SFTTrainer(optimizer_cls_and_kwargs=...)`: AdamW with its own vision learning rate.
+
+    It keeps the trainer's weight-decay split and scheduler; the vision parameters just get a different base lr.
+    """
+
+    def __call__(self, model, *, lr: float, vision_lr: float, weight_decay: float, **adamw_kwargs):
+        groups = {}
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            decay = parameter.ndim >= 2 and "norm" not in name.lower()
+            key = (VISION_PREFIX in name, decay)
+            groups.setdefault(key, []).append(parameter)
+        param_groups = [
+            {"params": params, "lr": vision_lr if is_vision else lr, "weight_decay": weight_decay if decay else 0.0}
+            for (is_vision, decay), params in groups.items()
+        ]
+        return torch.optim.AdamW(param_groups, lr=lr, **adamw_kwargs)
+
+
+class VisionWarmupCallback(TrainerCallback):
+    """Keep the vision part frozen for the first `steps` optimizer steps, then train it.
+
+    A randomly initialised LLM otherwise learns to ignore the image before the vision features carry signal.
+    """
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        set_vision_trainable(model, state.global_step >= self.steps)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.steps:
+            set_vision_trainable(model, True)
+
+
+class ImageSensitivityCallback(TrainerCallback):
+    """Logs how much the loss depends on the images: (loss with images rolled across the batch) / loss - 1.
+
+    Near 0 means the model answers from the text prior alone (the image features collapsed).
+    """
+
+    def __init__(self, probe_batch: dict, every: int):
+        self.probe_batch, self.every = probe_batch, every
+        self.history: list[tuple[int, float]] = []
+
+    @torch.no_grad()
+    def measure(self, model) -> float:
+        was_training = model.training
+        model.eval()
+        batch = {key: value.to(model.device) for key, value in self.probe_batch.items()}
+        loss = model(**batch).loss.item()
+        shuffled = dict(batch, pixel_values=batch["pixel_values"].roll(1, dims=0))
+        shuffled_loss = model(**shuffled).loss.item()
+        model.train(was_training)
+        return shuffled_loss / loss - 1.0
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        if self.every and state.global_step % self.every == 0 and model is not None and logs is not None:
+            value = round(self.measure(model), 4)
+            self.history.append((state.global_step, value))
+            logs["image_sensitivity"] = value
+            if state.log_history:
+                state.log_history[-1]["image_sensitivity"] = value
+
+
+def configure_stage(model, args: FlorenceVLArguments) -> None:
+    if args.stage not in ("pretrain", "finetune"):
+        raise ValueError(f"--stage {args.stage!r} is not supported; use 'pretrain' or 'finetune'.")
+    model.requires_grad_(True)
+    if args.stage == "finetune":  # frozen vision builds no autograd graph: no activations are kept for it
+        set_vision_trainable(model, False)
+
+
+def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, args: FlorenceVLArguments):
+    random.seed(training_args.seed)
+    model, processor = build_model_and_processor(args, model_args)
+    configure_stage(model, args)
+    train_dataset = load_train_dataset(args, script_args)
+
+    peft_config = get_peft_config(model_args)
+    if peft_config is not None:
+        if not model_args.lora_target_modules:
+            peft_config.target_modules = LLM_LORA_TARGETS
+        if not model_args.lora_modules_to_save:
+            peft_config.modules_to_save = ["multi_modal_projector"]
+
+    optimizer_cls_and_kwargs = None
+    if args.vision_learning_rate is not None:
+        optimizer_cls_and_kwargs = (VisionParamGroups, dict(
+            lr=training_args.learning_rate, vision_lr=args.vision_learning_rate,
+            weight_decay=training_args.weight_decay, betas=(training_args.adam_beta1, training_args.adam_beta2),
+            eps=training_args.adam_epsilon,
+        ))
+    if args.vision_freeze_steps and training_args.world_size > 1:
+        training_args.ddp_find_unused_parameters = True
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+    )
+    if args.vision_freeze_steps and args.stage == "pretrain":
+        trainer.add_callback(VisionWarmupCallback(args.vision_freeze_steps))
+    if args.image_sensitivity_steps:
+        probe = [train_dataset[i] for i in range(min(8, len(train_dataset)))]
+        trainer.add_callback(ImageSensitivityCallback(trainer.data_collator(probe), args.image_sensitivity_steps))
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    processor.save_pretrained(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return trainer
+
+
+def make_parser():
+    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, FlorenceVLArguments))
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
