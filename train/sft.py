@@ -19,11 +19,10 @@ or `--shapes_train_size` (the synthetic shapes-and-words task).
 
 import json
 import logging
-import random
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback, set_seed
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from florence_vl import FlorenceVLConfig, FlorenceVLForConditionalGeneration, FlorenceVLProcessor
@@ -201,8 +200,9 @@ def configure_stage(model, args: FlorenceVLArguments) -> None:
         set_vision_trainable(model, False)
 
 
-def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, args: FlorenceVLArguments):
-    random.seed(training_args.seed)
+def build_trainer(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig,
+                  args: FlorenceVLArguments) -> SFTTrainer:
+    set_seed(training_args.seed)
     model, processor = build_model_and_processor(args, model_args)
     configure_stage(model, args)
     train_dataset = load_train_dataset(args, script_args)
@@ -237,7 +237,12 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     if args.image_sensitivity_steps:
         probe = [train_dataset[i] for i in range(min(8, len(train_dataset)))]
         trainer.add_callback(ImageSensitivityCallback(trainer.data_collator(probe), args.image_sensitivity_steps))
+    return trainer
 
+
+def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, args: FlorenceVLArguments):
+    trainer = build_trainer(script_args, training_args, model_args, args)
+    processor = trainer.processing_class
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     processor.save_pretrained(training_args.output_dir)

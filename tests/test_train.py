@@ -1,0 +1,221 @@
+"""Two-stage training through the real train/sft.py + TRL SFTTrainer on a tiny model (CPU, a few steps)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from tiny import tiny_config, tiny_tokenizer
+
+from florence_vl.train import sft
+
+REPO = Path(__file__).resolve().parents[1]
+SFT = str(REPO / "train" / "sft.py")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny model config + tokenizer folder + LLaVA-style data (one corrupt and one missing image)."""
+    root = tmp_path_factory.mktemp("train")
+    (root / "model.json").write_text(json.dumps(tiny_config().to_dict()))
+    tiny_tokenizer().save_pretrained(root / "tokenizer")
+    (root / "images").mkdir()
+    records = []
+    for index in range(16):
+        Image.new("RGB", (48, 40), (index * 15, 255 - index * 15, 90)).save(root / "images" / f"{index}.png")
+        records.append({"id": index, "image": f"{index}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is the colour?"}, {"from": "gpt", "value": f"colour {index}"}]})
+    (root / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    for name in ("corrupt.png", "missing.png"):
+        records.append({"id": name, "image": name, "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "nothing"}]})
+    (root / "data.json").write_text(json.dumps(records))
+    return root
+
+
+def args_for(workdir, out, stage, *extra):
+    return [
+        "--stage", stage, "--model_config", str(workdir / "model.json"), "--tokenizer", str(workdir / "tokenizer"),
+        "--llava_json", str(workdir / "data.json"), "--image_folder", str(workdir / "images"),
+        "--output_dir", str(out), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+        "--assistant_only_loss", "true", "--activation_checkpointing", "false", "--report_to", "none",
+        "--save_strategy", "no", "--logging_steps", "1", "--use_cpu", "true", "--seed", "0", "--max_steps", "3",
+        *extra,
+    ]
+
+
+def run_in_process(argv):
+    script_args, training_args, model_args, project_args = sft.make_parser().parse_args_and_config(args=argv)
+    return sft.main(script_args, training_args, model_args, project_args)
+
+
+def snapshot(model):
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+def changed(before, model):
+    return {name for name, parameter in model.named_parameters() if not torch.equal(before[name], parameter)}
+
+
+GROUPS = {
+    "davit": "model.vision_tower.davit.",
+    "florence2 projection": "model.vision_tower.davit_projector.",
+    "bart encoder": "model.vision_tower.prompt_encoder.",
+    "dbfusion projector": "model.multi_modal_projector.",
+    "llm": "model.language_model.",
+}
+
+
+def build_trainer(argv):
+    return sft.build_trainer(*sft.make_parser().parse_args_and_config(args=argv))
+
+
+def initial_weights(workdir, tmp_path, stage, *extra):
+    """Weights of the randomly initialised model the script builds (same seed => same init)."""
+    trainer = build_trainer(args_for(workdir, tmp_path / "init", stage, *extra))
+    return {name: parameter.detach().clone() for name, parameter in trainer.model.named_parameters()}
+
+
+def test_pretrain_trains_every_part_including_vision(workdir, tmp_path):
+    trainer = run_in_process(args_for(workdir, tmp_path / "out", "pretrain"))
+    before = initial_weights(workdir, tmp_path, "pretrain")
+    after = dict(trainer.model.named_parameters())
+    assert before.keys() == after.keys()
+    for group, prefix in GROUPS.items():
+        names = [name for name in after if name.startswith(prefix)]
+        moved = [name for name in names if not torch.equal(before[name], after[name])]
+        assert names and moved, f"{group}: no parameter changed"
+    davit = [n for n in after if n.startswith(GROUPS["davit"]) and n.endswith("weight")]
+    assert all(not torch.equal(before[n], after[n]) for n in davit), "every DaViT weight must train in stage 1"
+
+
+def test_finetune_freezes_vision_and_trains_projector_and_llm(workdir, tmp_path):
+    trainer = run_in_process(args_for(workdir, tmp_path / "out", "finetune"))
+    before = initial_weights(workdir, tmp_path, "finetune")
+    after = dict(trainer.model.named_parameters())
+    for name, parameter in after.items():
+        if name.startswith("model.vision_tower."):
+            assert torch.equal(before[name], parameter), f"frozen vision parameter {name} changed"
+            assert not parameter.requires_grad
+    for group in ("dbfusion projector", "llm"):
+        assert any(not torch.equal(before[n], after[n]) for n in after if n.startswith(GROUPS[group])), group
+
+
+def test_finetune_vision_builds_no_autograd_graph(workdir, tmp_path):
+    trainer = run_in_process(args_for(workdir, tmp_path / "out", "finetune", "--max_steps", "1"))
+    model = trainer.model
+    features, _ = model.model.vision_tower(torch.randn(2, 3, 64, 64))
+    assert all(feature.grad_fn is None and not feature.requires_grad for feature in features)
+
+
+def test_lora_trains_only_adapters_and_projector_never_vision(workdir, tmp_path):
+    trainer = run_in_process(args_for(workdir, tmp_path / "out", "finetune", "--use_peft", "true", "--lora_r", "4"))
+    model = trainer.model
+    lora_names = [name for name, _ in model.named_parameters() if "lora_" in name]
+    assert lora_names and all("language_model" in name for name in lora_names), "LoRA must land on the LLM only"
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert all("lora_" in name or "multi_modal_projector" in name for name in trainable)
+    assert not any("vision_tower" in name for name in trainable)
+    base = initial_weights(workdir, tmp_path, "finetune")
+    for name, parameter in model.named_parameters():
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if key in base and "multi_modal_projector" not in name:
+            assert torch.equal(base[key], parameter), f"base weight {name} changed under LoRA"
+
+
+def test_labels_cover_only_assistant_tokens(workdir, tmp_path):
+    trainer = build_trainer(args_for(workdir, tmp_path / "out", "finetune"))
+    examples = [trainer.train_dataset[i] for i in range(2)]
+    batch = trainer.data_collator(examples)
+    tokenizer = trainer.processing_class.tokenizer
+    image_token_id = trainer.processing_class.image_token_id
+    for labels, answer in zip(batch["labels"], ["colour 0", "colour 1"]):
+        kept = labels[labels != -100]
+        assert image_token_id not in kept.tolist()
+        assert tokenizer.decode(kept) == answer + "<|end|>"
+
+
+def test_corrupt_and_missing_images_are_reported_and_skipped(workdir, tmp_path, capsys):
+    trainer = run_in_process(args_for(workdir, tmp_path / "out", "finetune", "--max_steps", "1"))
+    out = capsys.readouterr().out
+    assert "skipped 2 samples" in out and "corrupt.png" in out and "missing.png" in out
+    assert len(trainer.train_dataset) == 16
+
+
+def test_saved_checkpoint_loads_in_fresh_process(workdir, tmp_path):
+    out = tmp_path / "out"
+    run_in_process(args_for(workdir, out, "finetune", "--max_steps", "2", "--save_strategy", "steps",
+                            "--save_steps", "1"))
+    for folder in (out, out / "checkpoint-1"):
+        assert {"modeling_florence_vl.py", "configuration_florence_vl.py", "processing_florence_vl.py",
+                "model.safetensors", "processor_config.json"} <= set(os.listdir(folder))
+    code = ("import sys; from transformers import AutoModelForImageTextToText, AutoProcessor;"
+            f"m = AutoModelForImageTextToText.from_pretrained({str(out / 'checkpoint-1')!r}, trust_remote_code=True);"
+            f"p = AutoProcessor.from_pretrained({str(out / 'checkpoint-1')!r}, trust_remote_code=True);"
+            "assert 'florence_vl' not in sys.modules; print(type(m).__module__)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().startswith("transformers_modules")
+
+
+def test_kill_and_resume_gives_the_same_weights(workdir, tmp_path):
+    common = ["--max_steps", "24", "--save_strategy", "steps", "--save_steps", "4", "--dataloader_num_workers", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    subprocess.run([sys.executable, SFT, *args_for(workdir, full, "pretrain", *common)], env=env, check=True,
+                   capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, SFT, *args_for(workdir, killed, "pretrain", *common)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint-8" / "trainer_state.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    subprocess.run([sys.executable, SFT, *args_for(workdir, killed, "pretrain", *common),
+                    "--resume_from_checkpoint", str(killed / "checkpoint-8")], env=env, check=True,
+                   capture_output=True, timeout=300)
+    a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+
+
+def test_two_process_ddp_on_cpu(workdir, tmp_path):
+    out = tmp_path / "ddp"
+    command = ["accelerate", "launch", "--config_file", str(REPO / "train/accelerate/ddp_cpu.yaml"), SFT,
+               *args_for(workdir, out, "pretrain", "--max_steps", "2", "--vision_freeze_steps", "1")]
+    result = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model.safetensors").exists() and (out / "modeling_florence_vl.py").exists()
+
+
+PAPER = {  # (stage, LLM) -> (global batch, learning rate), paper §9
+    "phi35_pretrain": (4096, 1e-4), "phi35_finetune": (2048, 9e-5),
+    "llama31_pretrain": (256, 2e-5), "llama31_finetune": (256, 1e-5),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(PAPER))
+def test_recipes_parse_and_match_the_paper(recipe):
+    path = REPO / "train" / "recipes" / f"{recipe}.yaml"
+    values = yaml.safe_load(path.read_text())
+    num_processes = yaml.safe_load((REPO / "train/accelerate/ddp.yaml").read_text())["num_processes"]
+    script_args, training_args, model_args, project_args = sft.make_parser().parse_args_and_config(
+        args=["--config", str(path), "--use_cpu", "true"])
+    global_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                    * num_processes)
+    assert (global_batch, training_args.learning_rate) == PAPER[recipe]
+    assert training_args.lr_scheduler_type == "cosine" and training_args.warmup_steps == 0.03
+    assert training_args.bf16 and training_args.activation_checkpointing and values["max_length"] == 2048
+    assert project_args.stage == recipe.split("_")[1]
