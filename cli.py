@@ -123,7 +123,10 @@ def eval_shapes(args) -> None:
 def convert(args) -> None:
     from florence_vl.convert import convert_original
 
-    convert_original(args.src, args.dst)
+    try:
+        print(convert_original(args.src, args.dst).summary())
+    except ValueError as error:
+        raise UsageError(str(error)) from error
 
 
 def build_parser() -> argparse.ArgumentParser:

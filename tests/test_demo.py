@@ -1,0 +1,77 @@
+"""The shipped tiny shapes-and-words checkpoint: the README demo, the pipeline and the CLI answer correctly."""
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO / "checkpoints" / "florence-vl-tiny-shapes"
+EXAMPLES = json.loads((REPO / "examples" / "examples.json").read_text())
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def normalize(text: str) -> str:
+    text = text.strip().lower()
+    return text[:-1] if text.endswith(".") else text
+
+
+@pytest.mark.parametrize("name", ["modeling_florence_vl.py", "configuration_florence_vl.py", "processing_florence_vl.py"])
+def test_checkpoint_code_equals_the_package(name):
+    assert filecmp.cmp(CHECKPOINT / name, REPO / name, shallow=False), f"{name} in the checkpoint is stale"
+
+
+def test_checkpoint_is_small_safetensors_with_auto_map():
+    files = {path.name: path.stat().st_size for path in CHECKPOINT.iterdir()}
+    assert "model.safetensors" in files and not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    assert sum(files.values()) <= 20 * 2**20
+    auto_map = json.loads((CHECKPOINT / "config.json").read_text())["auto_map"]
+    assert {"AutoConfig", "AutoModel", "AutoModelForImageTextToText", "AutoProcessor"} <= set(auto_map)
+
+
+def test_pipeline_in_fresh_process_answers_every_example():
+    """A process that never imports this package loads the folder with trust_remote_code and answers."""
+    code = f"""
+import json, sys
+from PIL import Image
+from transformers import pipeline
+pipe = pipeline("image-text-to-text", model={str(CHECKPOINT)!r}, trust_remote_code=True)
+assert "florence_vl" not in sys.modules
+examples = json.loads(open({str(REPO / "examples" / "examples.json")!r}).read())
+messages = [[{{"role": "user", "content": [{{"type": "image", "image": Image.open({str(REPO / "examples")!r} + "/" + e["image"])}},
+                                         {{"type": "text", "text": e["question"]}}]}}] for e in examples]
+outputs = pipe(text=messages, generate_kwargs={{"max_new_tokens": 32}}, return_full_text=False)
+print(json.dumps([o[0]["generated_text"] for o in outputs]))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd="/", env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    for example, answer in zip(EXAMPLES, answers):
+        assert normalize(answer) == normalize(example["answer"]), (example, answer)
+
+
+def test_cli_answers_the_readme_question():
+    example = EXAMPLES[0]
+    result = subprocess.run(["florence-vl", "chat", str(REPO / "examples" / example["image"]), example["question"]],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert normalize(result.stdout) == normalize(example["answer"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["chat", "no/such/image.png", "What?"], "does not exist"),
+    (["chat", "IMAGE", "What?", "--model", "/tmp"], "not a model folder"),
+    (["chat", "IMAGE", "What?", "--model", "no/such/model"], "does not exist"),
+    (["chat"], "give an IMAGE and a QUESTION"),
+])
+def test_cli_errors_are_one_line_with_exit_code_2(argv, message):
+    argv = [str(REPO / "examples" / EXAMPLES[0]["image"]) if arg == "IMAGE" else arg for arg in argv]
+    result = subprocess.run(["florence-vl", *argv], env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
