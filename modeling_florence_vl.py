@@ -251,6 +251,8 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
         self.model = FlorenceVLModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        if self.generation_config is not None and not self.generation_config.suppress_tokens:
+            self.generation_config.suppress_tokens = [config.image_token_id]  # never generate `<image>`
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

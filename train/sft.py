@@ -187,6 +187,7 @@ class ImageSensitivityCallback(TrainerCallback):
         if self.every and state.global_step % self.every == 0 and model is not None and logs is not None:
             value = round(self.measure(model), 4)
             self.history.append((state.global_step, value))
+            print(f"step {state.global_step}: image_sensitivity {value}", flush=True)
             logs["image_sensitivity"] = value
             if state.log_history:
                 state.log_history[-1]["image_sensitivity"] = value
