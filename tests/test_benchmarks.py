@@ -1,0 +1,75 @@
+"""The benchmark runs end to end on toy sizes and writes a complete JSON report (numbers are not asserted)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    completed = subprocess.run([sys.executable, str(RUN_PY), "--suite", "smoke", "--out", str(out)],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(out.read_text()), completed.stdout
+
+
+def is_positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_report_records_environment_and_config(smoke_report):
+    report, _ = smoke_report
+    assert report["suite"] == "smoke"
+    assert {"torch", "transformers", "peft", "python"} <= set(report["versions"])
+    assert report["device"]["type"] == "cpu"
+    assert report["config"]["e2e_llm"] == "toy" and "toy" in report["sizes"]["llm"]
+
+
+def test_vision_rows_have_timings_and_speedups(smoke_report):
+    report, _ = smoke_report
+    (row,) = report["vision"]
+    assert set(row["timings"]) == {"naive_3x_florence2", "ours_batched", "ours_per_prompt"}
+    for timing in row["timings"].values():
+        assert timing["min_s"] <= timing["median_s"] <= timing["max_s"] and timing["repeats"] == 1
+    assert all(is_positive_number(row[key]) for key in
+               ("speedup_batched_vs_naive", "speedup_per_prompt_vs_naive", "batched_vs_per_prompt"))
+
+
+def test_end_to_end_rows_compare_both_models(smoke_report):
+    report, _ = smoke_report
+    (row,) = report["end_to_end"]
+    assert set(row["ttft"]) == set(row["decode_tokens_per_s"]) == {"florence_vl", "llava"}
+    assert is_positive_number(row["ttft_ratio"]) and is_positive_number(row["decode_ratio"])
+    assert row["prompt_tokens"]["florence_vl"] == row["prompt_tokens"]["llava"] + 1  # 577 vs 576 at real size
+
+
+def test_training_covers_every_mode_with_and_without_checkpointing(smoke_report):
+    report, _ = smoke_report
+    results = report["training"]["results"]
+    configurations = {(r["spec"]["mode"], r["spec"]["gradient_checkpointing"]) for r in results}
+    assert configurations == {(mode, gc) for mode in ("stage1", "stage2", "stage2_no_grad", "lora")
+                              for gc in (False, True)}
+    by_mode = {r["spec"]["mode"]: r for r in results if not r["spec"]["gradient_checkpointing"]}
+    # stage 2 freezes the vision tower, LoRA trains adapters and the projector only
+    assert by_mode["lora"]["trainable_params"] < by_mode["stage2"]["trainable_params"] \
+        < by_mode["stage1"]["trainable_params"] == by_mode["stage1"]["total_params"]
+    assert all(is_positive_number(r["samples_per_s"]) and is_positive_number(r["peak_memory_mb"]) for r in results)
+    assert "stage2_vs_stage1" in report["training"]["ratios"] and "stage1_gc_vs_no_gc" in report["training"]["ratios"]
+
+
+def test_table_is_printed(smoke_report):
+    _, stdout = smoke_report
+    assert "| Florence-2 | naive: 3x stock Florence-2 |" in stdout and "| mode | grad. ckpt |" in stdout
+
+
+def test_unknown_section_is_rejected():
+    completed = subprocess.run([sys.executable, str(RUN_PY), "--suite", "smoke", "--sections", "vision,speed"],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0 and "unknown names ['speed']" in completed.stderr
