@@ -266,6 +266,14 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]):
         return self.model.get_image_features(pixel_values, **kwargs)
 
+    def _prepare_generation_config(self, generation_config, **kwargs):
+        """Never generate `<image>`: add it to `suppress_tokens`, whatever the saved or passed config says."""
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        suppressed = list(generation_config.suppress_tokens or [])
+        if self.config.image_token_id not in suppressed:
+            generation_config.suppress_tokens = suppressed + [self.config.image_token_id]
+        return generation_config, model_kwargs
+
     @can_return_tuple
     def forward(
         self,

@@ -1,8 +1,11 @@
 """Processor of Florence-VL: Florence-2 image preprocessing + the LLM tokenizer with `<image>` placeholders."""
 
+import os
+
 import numpy as np  # a hard dependency of transformers
 import torch
 from transformers import CLIPImageProcessorPil
+from transformers.image_utils import load_image
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_vision_available
 
@@ -70,8 +73,20 @@ def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
+def _open_image(source: str | os.PathLike, where: str) -> Image.Image:
+    """A local path (opened as is, alpha and bit depth kept), URL or base64 string, decoded now."""
+    try:
+        image = Image.open(source) if os.path.isfile(source) else load_image(str(source))
+        image.load()
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{where}: cannot read an image from {str(source)!r} ({error}).") from error
+    return image
+
+
 def to_rgb(image, where: str = "image") -> Image.Image:
-    """Any PIL mode, numpy array or torch tensor -> an upright RGB PIL image (alpha composited on white)."""
+    """Any PIL mode, path, URL, numpy array or torch tensor -> an upright RGB PIL image (alpha on white)."""
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_image(image, where)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
@@ -130,12 +145,11 @@ class FlorenceVLProcessor(ProcessorMixin):
             audio = None
         if videos is not None or audio is not None:
             raise ValueError("Florence-VL takes images and text only; got videos or audio.")
-        images, text, videos, audio = super().prepare_inputs_layout(images=images, text=text, **kwargs)
-        if images is not None:
+        if images is not None:  # before the base class, whose loader turns paths into RGB (alpha lost)
             images = self._convert_images(images)
             if isinstance(images, list) and len(images) == 0:
                 images = None
-        return images, text, videos, audio
+        return super().prepare_inputs_layout(images=images, text=text, **kwargs)
 
     def _convert_images(self, images, where: str = "images"):
         if isinstance(images, (list, tuple)):
@@ -143,6 +157,12 @@ class FlorenceVLProcessor(ProcessorMixin):
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
             return [to_rgb(image, f"{where}[{index}]") for index, image in enumerate(images)]
         return to_rgb(images, where)
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, audios=None, **kwargs):
+        """`audios` is the old name of `audio` that lmms-eval still passes (empty); anything else is refused."""
+        if audios is not None and len(audios) > 0:
+            raise ValueError("Florence-VL takes images and text only; got audios.")
+        return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
         if text is not None and isinstance(images, list) and any(isinstance(item, list) for item in images):

@@ -1,0 +1,425 @@
+"""FlorenceVLForConditionalGeneration: what users rely on (tiny random models, CPU, a few seconds in all)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny import IMAGE_TOKEN_ID, VOCAB_SIZE, tiny_config, tiny_processor
+
+from florence_vl import FlorenceVLForConditionalGeneration, FlorenceVLProcessor
+
+# Tiny models on a shared 2-core machine: extra intra-op threads only spin and wait (up to 40x slower).
+
+PROMPTS = ["<image>What is this?", "<image>Describe the picture in a few words, please."]
+PROMPT_SOURCES = ("caption", "ocr", "grounding")
+
+
+def random_image(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def build_model(seed: int = 0, llm: str = "llama", **overrides) -> FlorenceVLForConditionalGeneration:
+    torch.manual_seed(seed)
+    return FlorenceVLForConditionalGeneration(tiny_config(llm, **overrides)).eval()
+
+
+def batch_inputs(processor: FlorenceVLProcessor, **kwargs) -> dict[str, torch.Tensor]:
+    """Two samples of different lengths and images, left-padded by the processor."""
+    images = [random_image(1), random_image(2, (30, 70))]
+    return processor(text=PROMPTS, images=images, padding=True, return_tensors="pt", **kwargs)
+
+
+def labels_for(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+
+@pytest.fixture(scope="module")
+def model() -> FlorenceVLForConditionalGeneration:
+    return build_model()
+
+
+@pytest.fixture(scope="module")
+def processor() -> FlorenceVLProcessor:
+    return tiny_processor(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def inputs(processor) -> dict[str, torch.Tensor]:
+    inputs = batch_inputs(processor)
+    assert inputs["attention_mask"][0, 0] == 0, "the test needs a left-padded first sample"
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------- forward and loss
+
+
+@pytest.mark.parametrize("llm", ["llama", "phi3"])
+def test_forward_shapes_and_loss_ignores_image_labels(llm, processor, inputs):
+    model = build_model(llm=llm)
+    labels = labels_for(inputs)
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+        image_labels_ignored = model(**inputs, labels=labels.masked_fill(labels == IMAGE_TOKEN_ID, -100)).loss
+        image_labels_as_text = model(**inputs, labels=labels.masked_fill(labels == IMAGE_TOKEN_ID, 9)).loss
+
+    batch, length = inputs["input_ids"].shape
+    assert out.logits.shape == (batch, length, VOCAB_SIZE)
+    assert out.image_hidden_states.shape == (2, model.config.num_image_tokens, 32)
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    assert out.loss == image_labels_ignored  # TRL leaves image ids in the labels: they must not count
+    assert out.loss != image_labels_as_text  # ... while other labels at those positions do count
+
+
+# ------------------------------------------------------------------------------------------------ save and load
+
+
+def test_save_load_in_process_is_bit_exact(model, processor, inputs, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = FlorenceVLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    reference, restored = model.state_dict(), loaded.state_dict()
+    assert reference.keys() == restored.keys()
+    assert all(torch.equal(reference[name], restored[name]) for name in reference)  # buffers included
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+    assert IMAGE_TOKEN_ID in loaded.generation_config.suppress_tokens
+
+
+FRESH_PROCESS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    folder, reference_file, report_file = sys.argv[1], sys.argv[2], sys.argv[3]
+    reference = torch.load(reference_file, weights_only=True)
+    try:
+        AutoModelForImageTextToText.from_pretrained(folder)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    report = {"refusal": refusal, "loaded": {}}
+    for auto_class in (AutoModelForImageTextToText, AutoModel, AutoModelForCausalLM):
+        model = auto_class.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(**reference["inputs"]).logits
+        diff = (logits - reference["logits"]).abs().max().item()
+        print(auto_class.__name__, "max abs diff", diff, file=sys.stderr)
+        report["loaded"][auto_class.__name__] = {
+            "class": type(model).__name__, "module": type(model).__module__, "max_abs_diff": diff}
+    report["florence_vl_imported"] = any(name.split(".")[0] == "florence_vl" for name in sys.modules)
+    with open(report_file, "w") as handle:
+        json.dump(report, handle)
+""")
+
+
+def test_fresh_process_loads_with_trust_remote_code_bit_exact(model, processor, inputs, tmp_path):
+    """A process that never imports this package loads the saved folder from its copied code."""
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.save({"inputs": dict(inputs), "logits": logits}, tmp_path / "reference.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(folder), str(tmp_path / "reference.pt"),
+         str(tmp_path / "report.json")],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+
+    assert report["refusal"] is not None and "trust_remote_code=True" in report["refusal"]
+    assert not report["florence_vl_imported"]
+    assert set(report["loaded"]) == {"AutoModelForImageTextToText", "AutoModel", "AutoModelForCausalLM"}
+    for loaded in report["loaded"].values():
+        assert loaded["class"] == "FlorenceVLForConditionalGeneration"  # AutoModel too (lmms-eval)
+        assert loaded["module"].startswith("transformers_modules")
+        assert loaded["max_abs_diff"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------- generation
+
+
+def count_vision_calls(model: FlorenceVLForConditionalGeneration) -> tuple[dict[str, int], list]:
+    calls = {"davit": 0, "prompt_encoder": 0}
+    tower = model.model.vision_tower
+
+    def counter(name):
+        return lambda *args: calls.__setitem__(name, calls[name] + 1)
+
+    handles = [tower.davit.register_forward_hook(counter("davit")),
+               tower.prompt_encoder.register_forward_hook(counter("prompt_encoder"))]
+    return calls, handles
+
+
+@pytest.mark.parametrize("batch_vision_prompts", [True, False])
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_vision_runs_once_per_generate_and_output_starts_with_prompt(batch_vision_prompts, num_beams, inputs):
+    model = build_model(batch_vision_prompts=batch_vision_prompts)
+    calls, handles = count_vision_calls(model)
+    try:
+        output = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                num_beams=num_beams, use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls["davit"] == 1
+    assert calls["prompt_encoder"] == (1 if batch_vision_prompts else len(PROMPT_SOURCES))
+    prompt_length = inputs["input_ids"].shape[1]
+    assert output.shape == (2, prompt_length + 4)
+    assert torch.equal(output[:, :prompt_length], inputs["input_ids"])
+
+
+@pytest.mark.parametrize("llm", ["llama", "phi3"])
+def test_batched_generation_equals_one_by_one(llm, processor):
+    model = build_model(llm=llm)
+    images = [random_image(1), random_image(2, (30, 70))]
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    batch = processor(text=PROMPTS, images=images, padding=True, return_tensors="pt")
+    assert batch["attention_mask"].min() == 0, "prompts of different lengths must be padded"
+    batched = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1]:]
+    for index, (prompt, image) in enumerate(zip(PROMPTS, images)):
+        single = processor(text=prompt, images=image, return_tensors="pt")
+        alone = model.generate(**single, **settings)[0, single["input_ids"].shape[1]:]
+        assert batched[index].tolist() == alone.tolist(), f"sample {index}"
+
+
+def image_token_favouring_model() -> FlorenceVLForConditionalGeneration:
+    model = build_model()
+    with torch.no_grad():
+        model.lm_head.weight[IMAGE_TOKEN_ID] = 10.0 * model.lm_head.weight.abs().max()
+    return model
+
+
+def assert_never_generates_image_token(model: FlorenceVLForConditionalGeneration, inputs, **settings) -> None:
+    with torch.no_grad():
+        last_logits = model(**inputs).logits[:, -1]
+    assert (last_logits.argmax(-1) == IMAGE_TOKEN_ID).all(), "the bias must make <image> the favourite"
+    prompt_length = inputs["input_ids"].shape[1]
+    new_tokens = model.generate(**inputs, max_new_tokens=5, **settings)[:, prompt_length:]
+    assert IMAGE_TOKEN_ID not in new_tokens.flatten().tolist(), settings
+
+
+@pytest.mark.parametrize("settings", [dict(do_sample=False), dict(do_sample=True, top_k=0),
+                                      dict(do_sample=False, num_beams=2)], ids=["greedy", "sample", "beam"])
+def test_image_token_is_never_generated(settings, inputs):
+    assert_never_generates_image_token(image_token_favouring_model(), inputs, **settings)
+
+
+def test_image_token_is_never_generated_whatever_the_generation_config(inputs, tmp_path):
+    """Also for a checkpoint saved without generation_config.json, and when the caller suppresses other tokens."""
+    image_token_favouring_model().save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").unlink()
+    model = FlorenceVLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert_never_generates_image_token(model, inputs, do_sample=False)
+    assert_never_generates_image_token(model, inputs, do_sample=False, suppress_tokens=[9])
+
+
+# ------------------------------------------------------------------------------------------------------- fusion
+
+SUBSETS = [("image",) + PROMPT_SOURCES, ("image",), PROMPT_SOURCES, ("image", "ocr"),
+           ("caption",), ("ocr",), ("grounding",)]
+
+
+@pytest.mark.parametrize("sources", SUBSETS, ids="+".join)
+@pytest.mark.parametrize("fusion_mode", ["channel_concat", "token_concat", "average"])
+def test_every_fusion_mode_and_feature_subset(fusion_mode, sources):
+    model = build_model(fusion_mode=fusion_mode, vision_feature_sources=sources)
+    config = model.config
+    dim = config.vision_config.vision_config.projection_dim
+    expected_width = dim * len(sources) if fusion_mode == "channel_concat" else dim
+    expected_tokens = 5 * len(sources) if fusion_mode == "token_concat" else 5
+    assert config.num_image_tokens == expected_tokens
+
+    widths = []
+    first_layer = model.model.multi_modal_projector.mlp[0]
+    handle = first_layer.register_forward_hook(lambda module, args, output: widths.append(args[0].shape))
+    inputs = tiny_processor(config)(text="<image>Hi", images=random_image(3), return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    handle.remove()
+    assert first_layer.in_features == expected_width
+    assert widths == [torch.Size([1, expected_tokens, expected_width])]
+    assert out.image_hidden_states.shape == (1, expected_tokens, 32)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_channel_order_is_image_then_prompts_in_config_order():
+    """[V, V_caption, V_ocr, V_grounding], whatever order the sources are listed in."""
+    model = build_model(vision_feature_sources=("grounding", "image", "ocr", "caption"))
+    tower = model.model.vision_tower
+    pixel_values = tiny_processor(model.config)(text="<image>", images=random_image(4), return_tensors="pt")[
+        "pixel_values"]
+    fused = []
+    handle = model.model.multi_modal_projector.mlp[0].register_forward_hook(
+        lambda module, args, output: fused.append(args[0]))
+    with torch.no_grad():
+        model.model.get_image_features(pixel_values)
+        image_embeds = tower.davit_projector(tower.davit(pixel_values).last_hidden_state)
+        ids = torch.tensor(model.config.vision_prompt_ids)
+        expected = [image_embeds]
+        for row in range(3):
+            prompt = tower.prompt_encoder.embed_tokens(ids[row : row + 1])
+            encoded = tower.prompt_encoder(inputs_embeds=torch.cat([image_embeds, prompt], dim=1)).last_hidden_state
+            expected.append(encoded[:, : image_embeds.shape[1]])
+    handle.remove()
+    torch.testing.assert_close(fused[0], torch.cat(expected, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sources", [("image",) + PROMPT_SOURCES, ("ocr", "grounding")], ids="+".join)
+def test_per_prompt_encoding_equals_batched(sources, inputs):
+    batched = build_model(vision_feature_sources=sources, batch_vision_prompts=True)
+    per_prompt = build_model(seed=1, vision_feature_sources=sources, batch_vision_prompts=False)
+    per_prompt.load_state_dict(batched.state_dict())
+    with torch.no_grad():
+        expected = batched.get_image_features(inputs["pixel_values"]).pooler_output
+        actual = per_prompt.get_image_features(inputs["pixel_values"]).pooler_output
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+PARAMETER_GROUPS = {
+    "DaViT": "model.vision_tower.davit.",
+    "Florence-2 projection": "model.vision_tower.davit_projector.",
+    "BART prompt encoder": "model.vision_tower.prompt_encoder.",
+    "DBFusion projector": "model.multi_modal_projector.",
+    "LLM": "model.language_model.",
+    "LM head": "lm_head.",
+}
+
+
+def test_gradient_reaches_every_parameter(inputs):
+    model = build_model().train()
+    model(**inputs, labels=labels_for(inputs)).loss.backward()
+    parameters = dict(model.named_parameters())
+    for group, prefix in PARAMETER_GROUPS.items():
+        names = [name for name in parameters if name.startswith(prefix)]
+        assert names, f"no parameters under {prefix}"
+        no_grad = [name for name in names if parameters[name].grad is None or not parameters[name].grad.any()]
+        assert not no_grad, f"{group}: no gradient for {no_grad}"
+    assert set(parameters) == {name for name in parameters if name.startswith(tuple(PARAMETER_GROUPS.values()))}
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(inputs):
+    model = build_model().train()
+    labels = labels_for(inputs)
+    layer_calls = []  # checkpointed layers run again in backward (pre-hooks: the recompute may stop early)
+    model.model.language_model.layers[0].mlp.register_forward_pre_hook(lambda *args: layer_calls.append("llm"))
+    model.model.vision_tower.prompt_encoder.layers[0].fc1.register_forward_pre_hook(
+        lambda *args: layer_calls.append("bart"))
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        layer_calls.clear()
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    loss, grads = step()
+    assert sorted(layer_calls) == ["bart", "llm"]
+    model.gradient_checkpointing_enable()
+    checkpointed_loss, checkpointed_grads = step()
+    assert sorted(layer_calls) == ["bart", "bart", "llm", "llm"], "backward must recompute the checkpointed layers"
+    torch.testing.assert_close(checkpointed_loss, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_placeholder_count_mismatch_names_both_numbers(model, inputs):
+    input_ids = inputs["input_ids"].clone()
+    first_placeholder = (input_ids[1] == IMAGE_TOKEN_ID).nonzero()[0, 0]
+    input_ids[1, first_placeholder] = 9  # 9 placeholders left for 2 images x 5 features
+    with pytest.raises(ValueError, match=r"9 `<image>` placeholder tokens .* 10 image features"):
+        model(input_ids=input_ids, pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"])
+    with pytest.raises(ValueError, match=r"10 `<image>` placeholder tokens .* 5 image features"):
+        model(**{**inputs, "pixel_values": inputs["pixel_values"][:1]})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(fusion_mode="bad"), r"fusion_mode='bad'"),
+    (dict(vision_feature_sources=()), r"vision_feature_sources=\(\)"),
+    (dict(vision_feature_sources=("image", "depth")), r"vision_feature_sources=\('image', 'depth'\)"),
+    (dict(vision_prompt_ids=((0, 5, 2), (0, 2), (0, 7, 2))), r"vision_prompt_ids rows have lengths \[3, 2, 3\]"),
+    (dict(projector_depth=0), r"projector_depth=0"),
+], ids=["fusion_mode", "no_sources", "unknown_source", "ragged_prompt_ids", "projector_depth"])
+def test_invalid_config_raises_naming_field_and_value(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+# ------------------------------------------------------------------------------------- transformers conventions
+
+
+def test_inputs_embeds_gives_the_same_logits_as_input_ids(model, inputs):
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with torch.no_grad():
+        from_ids = model(**inputs).logits
+        from_embeds = model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"],
+                            attention_mask=inputs["attention_mask"]).logits
+    torch.testing.assert_close(from_embeds, from_ids, rtol=0, atol=1e-6)
+
+
+def test_return_dict_false_gives_tuples(model, inputs):
+    labels = labels_for(inputs)
+    with torch.no_grad():
+        as_dict = model(**inputs, labels=labels)
+        as_tuple = model(**inputs, labels=labels, return_dict=False)
+        features = model.get_image_features(inputs["pixel_values"], return_dict=False)
+    assert isinstance(as_tuple, tuple) and isinstance(features, tuple)
+    assert torch.equal(as_tuple[0], as_dict.loss) and torch.equal(as_tuple[1], as_dict.logits)
+    assert torch.equal(features[1], as_dict.image_hidden_states)  # (last_hidden_state, pooler_output)
+
+
+def test_get_image_features_returns_hidden_states_on_request(model, inputs):
+    with torch.no_grad():
+        plain = model.get_image_features(inputs["pixel_values"])
+        detailed = model.get_image_features(inputs["pixel_values"], output_hidden_states=True)
+    assert plain.hidden_states is None
+    assert len(detailed.hidden_states) > 1
+    assert all(isinstance(state, torch.Tensor) and state.shape[0] == 2 for state in detailed.hidden_states)
+    assert detailed.pooler_output.shape == (2, 5, 32)
+    assert torch.equal(detailed.pooler_output, plain.pooler_output)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_eager_and_sdpa_agree(padding_side, model, processor):
+    inputs = batch_inputs(processor, padding_side=padding_side)
+    # a copy: `_from_config` writes the implementation into the shared sub-configs (LLaVA does the same)
+    config = copy.deepcopy(model.config)
+    eager = FlorenceVLForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    assert eager.model.language_model.config._attn_implementation == "eager"
+    assert eager.model.vision_tower.prompt_encoder.config._attn_implementation == "eager"
+    assert model.model.language_model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        sdpa_logits, eager_logits = model(**inputs).logits, eager(**inputs).logits
+    attended = inputs["attention_mask"].bool()
+    torch.testing.assert_close(eager_logits[attended], sdpa_logits[attended], rtol=1e-4, atol=1e-5)
+
+
+def test_resize_token_embeddings_keeps_old_logits_and_trains_new_tokens(inputs):
+    model = build_model()
+    with torch.no_grad():
+        before = model(**inputs).logits
+    model.resize_token_embeddings(VOCAB_SIZE + 8)
+    assert model.get_input_embeddings().num_embeddings == VOCAB_SIZE + 8
+    assert model.lm_head.out_features == VOCAB_SIZE + 8
+    assert model.config.text_config.vocab_size == VOCAB_SIZE + 8
+    labels = labels_for(inputs)
+    labels[:, -1] = VOCAB_SIZE + 3  # a new token as a target
+    out = model(**inputs, labels=labels)
+    assert out.logits.shape[-1] == VOCAB_SIZE + 8 and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.logits[..., :VOCAB_SIZE].detach(), before, rtol=0, atol=1e-6)
