@@ -3,6 +3,7 @@
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,8 +57,11 @@ print(json.dumps([o[0]["generated_text"] for o in outputs]))
 
 
 def test_cli_answers_the_readme_question():
-    example = EXAMPLES[0]
-    result = subprocess.run(["florence-vl", "chat", str(REPO / "examples" / example["image"]), example["question"]],
+    """The README's first command (install + demo) gives the right answer."""
+    image, question = re.search(r'florence-vl chat (\S+) "([^"]+)"', (REPO / "README.md").read_text()).groups()
+    example = next(e for e in EXAMPLES if f"examples/{e['image']}" == image)
+    assert example["question"] == question
+    result = subprocess.run(["florence-vl", "chat", str(REPO / image), question],
                             env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert normalize(result.stdout) == normalize(example["answer"])

@@ -219,3 +219,24 @@ def test_recipes_parse_and_match_the_paper(recipe):
     assert training_args.lr_scheduler_type == "cosine" and training_args.warmup_steps == 0.03
     assert training_args.bf16 and training_args.activation_checkpointing and values["max_length"] == 2048
     assert project_args.stage == recipe.split("_")[1]
+
+
+def test_tiny_shapes_recipe_shortened_runs_both_stages(tmp_path):
+    """The shipped checkpoint's recipe, a few steps of each stage: trains, saves, and loads for generation."""
+    recipes = REPO / "train" / "recipes"
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    common = ["--max_steps", "3", "--shapes_train_size", "48", "--image_sensitivity_steps", "2",
+              "--logging_steps", "1", "--vision_freeze_steps", "1"]
+    run_in_process(["--config", str(recipes / "tiny_shapes_pretrain.yaml"), "--output_dir", str(stage1),
+                    "--model_config", str(recipes / "tiny_shapes_model.json"), *common])
+    trainer = run_in_process(["--config", str(recipes / "tiny_shapes_finetune.yaml"), "--output_dir", str(stage2),
+                              "--model_name_or_path", str(stage1), *common])
+    assert any("image_sensitivity" in entry for entry in trainer.state.log_history)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(stage2, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(stage2, trust_remote_code=True)
+    inputs = processor(text="<image>What word is written in the image?",
+                       images=Image.new("RGB", (128, 128), "white"), return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=3)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
