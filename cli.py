@@ -16,7 +16,9 @@ class UsageError(Exception):
 def load(model_path: str, device: str = "cpu", dtype: str = "float32"):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     if os.path.sep in model_path and not Path(model_path).exists():
         raise UsageError(f"model folder {model_path!r} does not exist")
     if Path(model_path).is_dir() and not (Path(model_path) / "config.json").exists():
