@@ -79,3 +79,12 @@ def test_cli_errors_are_one_line_with_exit_code_2(argv, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_interactive_and_bfloat16():
+    image = str(REPO / "examples" / "shapes_3.png")
+    script = f"What word is written in the image?\n:image {REPO / 'examples' / 'shapes_1.png'}\nWhat shape is on the left?\n:quit\n"
+    result = subprocess.run(["florence-vl", "chat", "--interactive", image, "--dtype", "bfloat16"], input=script,
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[1:] == [EXAMPLES[3]["answer"], EXAMPLES[1]["answer"]]
