@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument("src")
     convert_parser.add_argument("dst")
     convert_parser.set_defaults(run=convert)
+
+    from florence_vl.analysis import add_analyze_parser
+
+    add_analyze_parser(commands)
     return parser
 
 

@@ -23,6 +23,7 @@ from transformers.models.florence2.modeling_florence2 import (
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_florence_vl import FlorenceVLConfig
 
@@ -42,7 +43,7 @@ class FlorenceVLCausalLMOutputWithPast(ModelOutput):
     r"""
     loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token loss, image and padding labels ignored.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LM head scores.
-    past_key_values (`Cache`, *optional*): the LLM's key/value cache.
+    cache (`Cache`, *optional*): the LLM's key/value cache.
     hidden_states, attentions (`tuple[torch.FloatTensor]`, *optional*): the LLM's, when requested.
     image_hidden_states (`torch.FloatTensor` of shape `(num_images, num_image_tokens, hidden_size)`, *optional*):
         Projected image features that replaced the `<image>` placeholders.
@@ -50,7 +51,7 @@ class FlorenceVLCausalLMOutputWithPast(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
@@ -132,7 +133,6 @@ class FlorenceVLPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["FlorenceVLVisionTower"]
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -171,9 +171,18 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         Returns the DaViT output (its `hidden_states`/`attentions` when requested) with `pooler_output` set to
         the projected features of shape `(num_images, num_image_tokens, text_hidden_size)`.
         """
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+        side = self.config.image_size
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or \
+                tuple(pixel_values.shape[1:]) != (3, side, side):
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
-            raise ValueError(f"pixel_values must be a 4-D tensor (num_images, 3, height, width), got {shape}.")
+            raise ValueError(
+                f"pixel_values must be a 4-D tensor (num_images, 3, {side}, {side}) (config.image_size={side}), got "
+                f"{shape}. Preprocess images with FlorenceVLProcessor."
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values must be floating point (normalized by FlorenceVLProcessor), got {pixel_values.dtype}."
+            )
         features, outputs = self.vision_tower(pixel_values, **kwargs)
         outputs.pooler_output = self.multi_modal_projector(features)
         return outputs
@@ -199,13 +208,14 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -229,13 +239,13 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
         return FlorenceVLModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
@@ -275,13 +285,14 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
         return generation_config, model_kwargs
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -309,7 +320,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
@@ -326,7 +337,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
         return FlorenceVLCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,

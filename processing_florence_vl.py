@@ -88,7 +88,8 @@ def to_rgb(image, where: str = "image") -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         image = _open_image(image, where)
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
+        image = image.detach().cpu()
+        image = (image.float() if image.dtype == torch.bfloat16 else image).numpy()  # numpy has no bfloat16
     if isinstance(image, np.ndarray):
         image = _array_to_pil(image, where)
     if not isinstance(image, Image.Image):
@@ -99,13 +100,22 @@ def to_rgb(image, where: str = "image") -> Image.Image:
             array = np.asarray(image, dtype=np.float64)
             top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
             image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8))
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        if image.mode == "La":  # premultiplied alpha: Pillow converts it to LA only
+            image = image.convert("LA")
+        if image.mode in ("RGBA", "RGBa", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")
     except OSError as error:  # truncated or corrupt file data is only decoded here
         raise ValueError(f"{where}: the image cannot be decoded ({error}).") from error
+    except ValueError as error:  # a mode Pillow cannot convert to RGB
+        raise ValueError(f"{where}: cannot convert a PIL image of mode {image.mode!r} to RGB ({error}).") from error
+
+
+def _holds_no_image(images) -> bool:
+    """True for [] and nested empty lists such as [[], []]."""
+    return isinstance(images, (list, tuple)) and all(_holds_no_image(item) for item in images)
 
 
 class FlorenceVLProcessor(ProcessorMixin):
@@ -147,7 +157,7 @@ class FlorenceVLProcessor(ProcessorMixin):
             raise ValueError("Florence-VL takes images and text only; got videos or audio.")
         if images is not None:  # before the base class, whose loader turns paths into RGB (alpha lost)
             images = self._convert_images(images)
-            if isinstance(images, list) and len(images) == 0:
+            if _holds_no_image(images):  # [] or one empty list per text: a text-only batch
                 images = None
         return super().prepare_inputs_layout(images=images, text=text, **kwargs)
 

@@ -327,7 +327,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(inputs):
 
     loss, grads = step()
     assert sorted(layer_calls) == ["bart", "llm"]
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     checkpointed_loss, checkpointed_grads = step()
     assert sorted(layer_calls) == ["bart", "bart", "llm", "llm"], "backward must recompute the checkpointed layers"
     torch.testing.assert_close(checkpointed_loss, loss)

@@ -1,10 +1,18 @@
 """The synthetic shapes-and-words task (DESIGN §6): 128x128 scenes of two coloured shapes and a word.
 
-Deterministic per seed; examples are in TRL's conversational format (`images` + `messages`).
+Held-out sets are built elsewhere from the same spec, so the drawing follows it to the pixel. Everything is
+deterministic per seed (a private `random.Random(seed)`, never the global RNG); examples are in TRL's
+conversational format (`images` + `messages`), ready for `SFTTrainer`.
+
+>>> examples = make_examples(4, seed=0, stage="finetune")
+>>> examples[0]["messages"][1]["content"][0]["text"] == examples[0]["answer"]
+True
 """
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -12,12 +20,19 @@ COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "
 SHAPES = ("circle", "square", "triangle")
 WORDS = ("cat", "dog", "sun", "tree", "book", "fish", "car", "star")
 QUESTION_TYPES = ("color", "left_shape", "right_shape", "word", "describe")
+STAGES = ("pretrain", "finetune", "heldout")
 DESCRIBE = "Describe the image."
-SIZE, BACKGROUND = 128, (255, 255, 255)
+SIZE, BACKGROUND, INK = 128, (255, 255, 255), (0, 0, 0)
+LEFT_X, RIGHT_X, CENTER_Y, JITTER = 32, 96, 64, 8
+MIN_SIZE, MAX_SIZE = 24, 36
+WORD_XY, FONT_SIZE = (64, 110), 20
+DEFAULT_QUESTION_MIX = {"pretrain": 0.0, "finetune": 0.8}  # finetune: the 4 question types and captions, 20 % each
 
 
 @dataclass(frozen=True)
 class Shape:
+    """One drawn shape: its colour and kind, centre (cx, cy) and bounding-box side `size` in pixels."""
+
     color: str
     shape: str
     cx: int
@@ -25,6 +40,7 @@ class Shape:
     size: int
 
     def box(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) = (cx - s/2, cy - s/2, cx + s/2, cy + s/2)."""
         half = self.size / 2
         return (self.cx - half, self.cy - half, self.cx + half, self.cy + half)
 
@@ -36,22 +52,32 @@ class Scene:
     word: str
 
 
-def _shape(rng: random.Random, kind: tuple[str, str], x: int) -> Shape:
-    cx, cy = x + rng.randint(-8, 8), 64 + rng.randint(-8, 8)
-    return Shape(kind[0], kind[1], cx, cy, rng.randint(24, 36))
+def _place(rng: random.Random, color: str, shape: str, x: int) -> Shape:
+    cx, cy = x + rng.randint(-JITTER, JITTER), CENTER_Y + rng.randint(-JITTER, JITTER)
+    return Shape(color, shape, cx, cy, rng.randint(MIN_SIZE, MAX_SIZE))
 
 
 def sample_scene(rng: random.Random) -> Scene:
-    """Left and right (colour, shape) drawn uniformly and independently, redrawn while equal; word uniform."""
+    """Left and right (colour, shape) uniform and independent, both redrawn while equal; then geometry; word uniform."""
     while True:
         left = (rng.choice(list(COLORS)), rng.choice(SHAPES))
         right = (rng.choice(list(COLORS)), rng.choice(SHAPES))
         if left != right:
             break
-    return Scene(_shape(rng, left, 32), _shape(rng, right, 96), rng.choice(WORDS))
+    return Scene(_place(rng, *left, LEFT_X), _place(rng, *right, RIGHT_X), rng.choice(WORDS))
+
+
+@lru_cache(maxsize=1)
+def _font() -> ImageFont.FreeTypeFont:
+    font = ImageFont.load_default(size=FONT_SIZE)
+    if not isinstance(font, ImageFont.FreeTypeFont):  # the bitmap fallback ignores `size`: other pixels
+        raise RuntimeError("The shapes task draws its word with Pillow's FreeType default font; install a Pillow "
+                           f">= 10.1 built with FreeType (got {type(font).__name__}).")
+    return font
 
 
 def render(scene: Scene) -> Image.Image:
+    """The 128x128 RGB image of `scene`: filled shapes without outline, the word in black centred at (64, 110)."""
     image = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for item in (scene.left, scene.right):
@@ -60,9 +86,11 @@ def render(scene: Scene) -> Image.Image:
             draw.ellipse((x0, y0, x1, y1), fill=fill)
         elif item.shape == "square":
             draw.rectangle((x0, y0, x1, y1), fill=fill)
-        else:
+        elif item.shape == "triangle":
             draw.polygon([(item.cx, y0), (x0, y1), (x1, y1)], fill=fill)
-    draw.text((64, 110), scene.word, fill=(0, 0, 0), font=ImageFont.load_default(size=20), anchor="mm")
+        else:
+            raise ValueError(f"unknown shape {item.shape!r}; use one of {SHAPES}")
+    draw.text(WORD_XY, scene.word, fill=INK, font=_font(), anchor="mm")
     return image
 
 
@@ -72,12 +100,14 @@ def caption(scene: Scene) -> str:
 
 
 def ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str]:
-    """(question, answer) of one type; "color" only about a shape that appears exactly once."""
+    """(question, answer) of type `qtype`. "color" asks about a shape that appears exactly once (uniformly chosen
+    among those) and raises ValueError when both shapes are the same kind."""
     if qtype == "color":
-        unique = [item for item in (scene.left, scene.right)
-                  if (scene.left.shape, scene.right.shape).count(item.shape) == 1]
+        kinds = (scene.left.shape, scene.right.shape)
+        unique = [item for item in (scene.left, scene.right) if kinds.count(item.shape) == 1]
         if not unique:
-            raise ValueError("both shapes are the same: the colour question is ambiguous for this scene")
+            raise ValueError(f"both shapes are the same ({scene.left.shape}): the colour question is ambiguous "
+                             "for this scene; ask another type")
         item = rng.choice(unique)
         return f"What color is the {item.shape}?", item.color
     if qtype == "left_shape":
@@ -92,6 +122,7 @@ def ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str]:
 
 
 def normalize(text: str) -> str:
+    """Lowercase, strip whitespace and one trailing period: the form answers are compared in."""
     text = text.strip().lower()
     return text[:-1].strip() if text.endswith(".") else text
 
@@ -113,44 +144,81 @@ def _example(scene: Scene, qtype: str, rng: random.Random) -> dict:
     }
 
 
+def _check_arguments(n: int, stage: str, question_mix: float | None) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n={n!r}: the number of examples must be an int >= 0")
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}; use one of {STAGES}")
+    if question_mix is None:
+        return
+    if stage == "heldout":
+        raise ValueError("question_mix does not apply to stage='heldout' (it cycles the five question types); "
+                         "leave it None")
+    if not 0.0 <= question_mix <= 1.0:
+        raise ValueError(f"question_mix={question_mix!r} must be a fraction in [0, 1]")
+
+
+def _training_type(scene: Scene, mix: float, rng: random.Random) -> str:
+    """A question (any of the four, uniform) with probability `mix`, else the caption; an impossible colour
+    question becomes one of the other three."""
+    qtype = rng.choice(QUESTION_TYPES[:4]) if rng.random() < mix else "describe"
+    if qtype == "color" and scene.left.shape == scene.right.shape:
+        qtype = rng.choice(QUESTION_TYPES[1:4])
+    return qtype
+
+
 def make_examples(n: int, seed: int, stage: str, question_mix: float | None = None) -> list[dict]:
-    """`pretrain`: captions (plus `question_mix` questions); `finetune`: all five types (questions at
-    `question_mix`, default 0.8); `heldout`: example i has type i % 5."""
-    if stage not in ("pretrain", "finetune", "heldout"):
-        raise ValueError(f"stage={stage!r}; use 'pretrain', 'finetune' or 'heldout'")
+    """`n` examples in TRL's conversational format, deterministic per `seed`.
+
+    - "pretrain": "Describe the image." → caption, plus a `question_mix` fraction of questions (default 0);
+    - "finetune": questions at `question_mix` (default 0.8, so each of the five types is 20 %);
+    - "heldout": example i has type `QUESTION_TYPES[i % 5]`; a scene that cannot take its type is redrawn.
+    """
+    _check_arguments(n, stage, question_mix)
     rng = random.Random(seed)
-    mix = question_mix if question_mix is not None else {"pretrain": 0.0, "finetune": 0.8}.get(stage, 0.0)
+    mix = question_mix if question_mix is not None else DEFAULT_QUESTION_MIX.get(stage)
     examples = []
     while len(examples) < n:
         scene = sample_scene(rng)
         if stage == "heldout":
-            qtype = QUESTION_TYPES[len(examples) % 5]
+            qtype = QUESTION_TYPES[len(examples) % len(QUESTION_TYPES)]
+            if qtype == "color" and scene.left.shape == scene.right.shape:
+                continue  # draw a new scene, keeping the type cycle
         else:
-            qtype = rng.choice(QUESTION_TYPES[:4]) if rng.random() < mix else "describe"
-        if qtype == "color" and scene.left.shape == scene.right.shape:
-            if stage == "heldout":
-                continue  # redraw the scene, keeping the type cycle
-            qtype = rng.choice(QUESTION_TYPES[1:4])
+            qtype = _training_type(scene, mix, rng)
         examples.append(_example(scene, qtype, rng))
     return examples
 
 
 def make_dataset(n: int, seed: int, stage: str, question_mix: float | None = None):
+    """`make_examples` as a `datasets.Dataset` (`images`: a list of PIL images, `messages`, `question_type`,
+    `answer`), the layout TRL's `SFTTrainer` takes for vision-language models."""
     from datasets import Dataset
 
     return Dataset.from_list(make_examples(n, seed, stage, question_mix))
 
 
-def evaluate(answer_fn, n: int = 500, seed: int = 12345, batch_size: int = 32, progress: bool = True) -> dict:
-    """Exact-match accuracy on `n` held-out examples; `answer_fn(images, questions) -> answers`."""
+AnswerFn = Callable[[list[Image.Image], list[str]], list[str]]
+
+
+def evaluate(answer_fn: AnswerFn, n: int = 500, seed: int = 12345, batch_size: int = 16,
+             progress: bool = True) -> dict:
+    """Exact-match accuracy on `n` held-out examples: {"overall": …, one entry per question type, "n": n}.
+
+    `answer_fn(images, questions)` gets up to `batch_size` PIL images and questions and returns one answer each.
+    """
     from tqdm.auto import tqdm
 
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n={n!r} and batch_size={batch_size!r} must both be >= 1")
     examples = make_examples(n, seed, "heldout")
     hits: dict[str, list[bool]] = {qtype: [] for qtype in QUESTION_TYPES}
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="eval-shapes", unit="batch"):
         batch = examples[start:start + batch_size]
         questions = [example["messages"][0]["content"][1]["text"] for example in batch]
-        answers = answer_fn([example["images"][0] for example in batch], questions)
+        answers = list(answer_fn([example["images"][0] for example in batch], questions))
+        if len(answers) != len(batch):
+            raise ValueError(f"answer_fn returned {len(answers)} answers for {len(batch)} questions")
         for example, prediction in zip(batch, answers):
             hits[example["question_type"]].append(is_correct(prediction, example["answer"]))
     scores = {qtype: sum(values) / len(values) for qtype, values in hits.items() if values}
@@ -160,7 +228,7 @@ def evaluate(answer_fn, n: int = 500, seed: int = 12345, batch_size: int = 32, p
 
 
 def save_examples(folder, n: int, seed: int) -> list[dict]:
-    """PNG files `shapes_{i}.png` plus `examples.json` (image, question, answer) for demos."""
+    """Write `n` held-out examples as `shapes_{i}.png` plus `examples.json` (image, question, answer) for demos."""
     import json
     from pathlib import Path
 
