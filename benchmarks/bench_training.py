@@ -88,16 +88,14 @@ def proc_status_mb(field: str) -> float:
     raise RuntimeError(f"{field} not found in /proc/self/status (Linux only).")
 
 
-def train_one(spec: TrainSpec) -> dict:
-    """Build, configure and time `spec.steps` training steps after one warm-up step."""
+def prepare(spec: TrainSpec):
+    """Build and configure the model of `spec`; returns (step function, metadata, memory after building)."""
     device, dtype = torch.device(spec.device), getattr(torch, spec.dtype)
     torch.manual_seed(0)
     model = FlorenceVLForConditionalGeneration(florence_vl_config(spec.florence2, spec.llm, spec.image_size))
     model.to(device, dtype).train()
     batch = make_batch(model.config, spec, device, dtype)
     model = configure(model, spec)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     memory_before = proc_status_mb("VmRSS") if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2**20
 
@@ -108,20 +106,28 @@ def train_one(spec: TrainSpec) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    meta = {"spec": asdict(spec), "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "sequence_length": batch["input_ids"].shape[1]}
+    return step, meta, memory_before
+
+
+def timed(step, device: torch.device) -> float:
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def train_one(spec: TrainSpec) -> dict:
+    """Build, configure and time `spec.steps` training steps after one warm-up step (peak memory is its own)."""
+    device = torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step()  # warm-up; also allocates the optimizer state
-    synchronize(device)
-    seconds = []
-    for _ in range(spec.steps):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    timing = summarize(seconds)
-    result = {"spec": asdict(spec), "trainable_params": trainable, "total_params": total,
-              "sequence_length": batch["input_ids"].shape[1], "step": timing,
-              "samples_per_s": spec.batch_size / timing["median_s"]}
+    step, result, memory_before = prepare(spec)
+    timed(step, device)  # warm-up; also allocates the optimizer state
+    timing = summarize([timed(step, device) for _ in range(spec.steps)])
+    result.update(step=timing, samples_per_s=spec.batch_size / timing["median_s"])
     if device.type == "cpu":
         result["peak_memory_mb"] = proc_status_mb("VmHWM")
         result["memory_before_training_mb"] = memory_before
@@ -135,6 +141,24 @@ def train_one(spec: TrainSpec) -> dict:
     # What training adds on top of the weights: gradients, optimizer state, activations.
     result["training_memory_mb"] = result["peak_memory_mb"] - memory_before
     return result
+
+
+def interleaved_speed(specs: list[TrainSpec], rounds: int) -> dict[str, dict]:
+    """Step times of all `specs` built in one process and stepped in turn (A B C A B C ...), so that a change of
+    machine load hits every configuration alike: the speed ratios to report. Keyed by `spec_key`."""
+    prepared = [(spec, *prepare(spec)[:1]) for spec in specs]
+    for spec, step in prepared:
+        timed(step, torch.device(spec.device))  # warm-up
+    seconds = {spec_key(spec): [] for spec in specs}
+    for _ in range(rounds):
+        for spec, step in prepared:
+            seconds[spec_key(spec)].append(timed(step, torch.device(spec.device)))
+    return {key: summarize(values) for key, values in seconds.items()}
+
+
+def spec_key(spec: TrainSpec | dict) -> str:
+    spec = asdict(spec) if isinstance(spec, TrainSpec) else spec
+    return f"{spec['mode']}{'_gc' if spec['gradient_checkpointing'] else ''}"
 
 
 def model_flops_utilization(step, step_seconds: float, device: torch.device) -> float | None:
@@ -166,9 +190,25 @@ def run_isolated(specs: list[TrainSpec], run_py: Path, isolate: bool) -> list[di
 
 
 def worker(payload: str) -> None:
-    """Entry point of the subprocess: run the given specs and print their results as one JSON line."""
-    specs = [TrainSpec(**spec) for spec in json.loads(payload)]
-    print(json.dumps([train_one(spec) for spec in specs]))
+    """Entry point of the subprocess: run the given specs and print their results as one JSON line.
+
+    `{"interleaved": rounds, "specs": [...]}` times the specs in turn instead (`interleaved_speed`)."""
+    request = json.loads(payload)
+    if isinstance(request, dict):
+        specs = [TrainSpec(**spec) for spec in request["specs"]]
+        print(json.dumps(interleaved_speed(specs, request["interleaved"])))
+        return
+    print(json.dumps([train_one(TrainSpec(**spec)) for spec in request]))
+
+
+def run_interleaved(specs: list[TrainSpec], rounds: int, run_py: Path) -> dict[str, dict]:
+    """`interleaved_speed` in one fresh subprocess."""
+    payload = json.dumps({"interleaved": rounds, "specs": [asdict(spec) for spec in specs]})
+    completed = subprocess.run([sys.executable, str(run_py), "--train-worker", payload], capture_output=True,
+                               text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"interleaved training worker failed:\n{completed.stderr[-4000:]}")
+    return json.loads([line for line in completed.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def ratio(numerator: float, denominator: float) -> float | None:
@@ -177,7 +217,11 @@ def ratio(numerator: float, denominator: float) -> float | None:
 
 
 def compare(result: dict, base: dict) -> dict:
-    return {"speed": ratio(result["samples_per_s"], base["samples_per_s"]),
+    """Ratios of `result` to `base`; speed from the interleaved timing where there is one (base time / time)."""
+    speed = ratio(result["samples_per_s"], base["samples_per_s"])
+    if "step_interleaved" in result and "step_interleaved" in base:
+        speed = ratio(base["step_interleaved"]["median_s"], result["step_interleaved"]["median_s"])
+    return {"speed": speed,
             "peak_memory": ratio(result["peak_memory_mb"], base["peak_memory_mb"]),
             "training_memory": ratio(result["training_memory_mb"], base["training_memory_mb"])}
 

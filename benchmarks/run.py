@@ -55,6 +55,7 @@ class Suite:
     train_steps: int
     train_modes: tuple[str, ...] = bench_training.MODES
     train_isolated: bool = True  # one subprocess per configuration, so each peak memory is its own
+    train_interleaved_rounds: int = 0  # > 0: speed ratios from all configurations stepped in turn in one process
     notes: list[str] = field(default_factory=list)
 
 
@@ -63,12 +64,13 @@ SUITES = {
                    e2e_florence2_sizes=("toy",), e2e_clip="toy", e2e_llm="toy", e2e_image_size=64,
                    e2e_new_tokens=4, e2e_repeats=1, train_florence2="toy", train_llm="toy", train_image_size=64,
                    train_batch_size=2, train_text_tokens=8, train_steps=1, train_isolated=False,
+                   train_interleaved_rounds=1,
                    notes=["Toy sizes: checks that the benchmark runs; the numbers mean nothing.",
                           "All training configurations share one subprocess: peak memory is cumulative."]),
     "cpu": Suite(device="cpu", dtype="float32", vision_sizes=("base",), vision_image_size=768, vision_repeats=2,
                  e2e_florence2_sizes=("base", "large"), e2e_clip="vit-l-336", e2e_llm="cpu", e2e_image_size=768,
                  e2e_new_tokens=64, e2e_repeats=2, train_florence2="small", train_llm="cpu", train_image_size=384,
-                 train_batch_size=2, train_text_tokens=64, train_steps=2,
+                 train_batch_size=2, train_text_tokens=64, train_steps=2, train_interleaved_rounds=5,
                  notes=["Repeats are few (2 + 1 warm-up round) to keep the suite near 8 minutes on 2 shared cores.","Vision vs naive at Florence-2-base only: one large round (3 stock calls + 2 of ours) "
                         "takes ~80 s on 2 cores; the large vision cost shows in the end-to-end TTFT rows.",
                         "Reduced LLM (sizes.LLM['cpu']): Llama, hidden 512, 4 layers, 8 heads, vocab 32064."]),
@@ -131,6 +133,10 @@ def run_suite(name: str, sections: tuple[str, ...], out: Path | None = None) -> 
                                           suite.device, suite.dtype)
                  for gc in (False, True) for mode in suite.train_modes]
         results = bench_training.run_isolated(specs, Path(__file__).resolve(), suite.train_isolated)
+        if suite.train_interleaved_rounds:
+            timings = bench_training.run_interleaved(specs, suite.train_interleaved_rounds, Path(__file__).resolve())
+            for result in results:
+                result["step_interleaved"] = timings[bench_training.spec_key(result["spec"])]
         report["training"] = {"results": results, "ratios": bench_training.add_ratios(results)}
         write_json(report, out)
     return report
@@ -182,13 +188,16 @@ def format_table(report: dict) -> str:
         lines += ["", f"Training step (fwd + bwd + AdamW), Florence-2 `{spec['florence2']}` at {spec['image_size']} px "
                   f"+ LLM `{spec['llm']}`, batch {spec['batch_size']}, sequence {results[0]['sequence_length']}; "
                   f"memory: {results[0]['memory_kind']}", "",
-                  "| mode | grad. ckpt | trainable params | samples/s | peak MB | training MB (peak - before) |",
-                  "|---|---|---|---|---|---|"]
+                  "| mode | grad. ckpt | trainable params | samples/s (isolated) | step s (interleaved) | peak MB "
+                  "| training MB (peak - before) |", "|---|---|---|---|---|---|---|"]
         for result in results:
+            interleaved = result.get("step_interleaved")
             lines.append(f"| {result['spec']['mode']} | {'yes' if result['spec']['gradient_checkpointing'] else 'no'} "
                          f"| {result['trainable_params']:,} | {result['samples_per_s']:.2f} "
+                         f"| {spread(interleaved) if interleaved else '-'} "
                          f"| {result['peak_memory_mb']:.0f} | {result['training_memory_mb']:.0f} |")
-        lines += ["", "| ratio | speed | peak memory | training memory |", "|---|---|---|---|"]
+        lines += ["", "Speed ratios from the interleaved step times where measured; memory from the isolated runs.",
+                  "", "| ratio | speed | peak memory | training memory |", "|---|---|---|---|"]
         for key, ratio in report["training"]["ratios"].items():
             lines.append(f"| {key} | {times(ratio['speed'])} | {times(ratio['peak_memory'])} "
                          f"| {times(ratio['training_memory'])} |")

@@ -62,6 +62,11 @@ def test_training_covers_every_mode_with_and_without_checkpointing(smoke_report)
         < by_mode["stage1"]["trainable_params"] == by_mode["stage1"]["total_params"]
     assert all(is_positive_number(r["samples_per_s"]) and is_positive_number(r["peak_memory_mb"]) for r in results)
     assert "stage2_vs_stage1" in report["training"]["ratios"] and "stage1_gc_vs_no_gc" in report["training"]["ratios"]
+    # speed ratios come from one process stepping every configuration in turn
+    assert all(r["step_interleaved"]["repeats"] == 1 and is_positive_number(r["step_interleaved"]["median_s"])
+               for r in results)
+    stage1, stage2 = by_mode["stage1"]["step_interleaved"], by_mode["stage2"]["step_interleaved"]
+    assert report["training"]["ratios"]["stage2_vs_stage1"]["speed"] == stage1["median_s"] / stage2["median_s"]
 
 
 def test_table_is_printed(smoke_report):

@@ -23,10 +23,9 @@ IMAGE_TOKEN = "<image>"
 NUM_IMAGE_TOKENS = 5  # tiny_config(): 64-px images, a 2x2 grid + 1 pooled token
 IMAGE_SIDE = 64
 CASE_DEADLINE_S = 30  # a case that takes longer counts as a hang
-# Words an error message may use to name what is wrong with a case's input. "scalartype" (torch on a bfloat16
-# image) and "conversion" (Pillow on mode "La") are messages from below the processor: see the xfail tests.
+# Words an error message may use to name what is wrong with a case's input.
 PROBLEM_WORDS = ("image", "text", "input", "array", "tensor", "dtype", "shape", "length", "token", "pad", "truncat",
-                 "pixel_values", "scalartype", "conversion")
+                 "pixel_values")
 # Padding/truncation combinations the fuzzer draws on purpose make the tokenizer warn.
 pytestmark = pytest.mark.filterwarnings("ignore:`max_length` is ignored", "ignore::RuntimeWarning")
 QUICK = settings(max_examples=100, derandomize=True, deadline=None, database=None, phases=[Phase.generate],
