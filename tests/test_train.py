@@ -258,3 +258,34 @@ def test_tiny_shapes_recipe_shortened_runs_both_stages(tmp_path):
                        images=Image.new("RGB", (128, 128), "white"), return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=3)
     assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_training_completes_over_every_kind_of_data_fault(workdir, tmp_path, capsys):
+    """Unreadable files are skipped and reported; modes other than RGB are converted; an over-long conversation is
+    truncated after its image; a conversation without `<image>` gets its image before the first turn."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(images / "good.jpg")
+    truncated = (images / "good.jpg").read_bytes()
+    (images / "truncated.jpg").write_bytes(truncated[: len(truncated) // 2])
+    (images / "empty.png").write_bytes(b"")
+    Image.new("L", (40, 48), 90).save(images / "gray.png")
+    Image.new("CMYK", (48, 48), (0, 200, 200, 20)).save(images / "cmyk.jpg")
+    turn = lambda question, answer: [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]  # noqa: E731
+    records = [{"id": i, "image": name, "conversations": turn("<image>\nWhat colour?", "red")}
+               for i, name in enumerate(["good.jpg", "truncated.jpg", "empty.png", "missing.png", "gray.png",
+                                         "cmyk.jpg"] * 2)]
+    records.append({"id": "long", "image": "good.jpg", "conversations": turn("<image>\nTalk.", "red " * 500)})
+    records.append({"id": "no-marker", "image": "gray.png", "conversations": turn("What colour?", "gray")})
+    (tmp_path / "faults.json").write_text(json.dumps(records))
+    argv = args_for(workdir, tmp_path / "out", "pretrain", "--max_steps", "3", "--max_length", "64")
+    argv[argv.index("--llava_json") + 1] = str(tmp_path / "faults.json")
+    argv[argv.index("--image_folder") + 1] = str(images)
+    trainer = run_in_process(argv)
+    out = capsys.readouterr().out
+    assert "skipped 6 samples" in out and all(name in out for name in ("truncated.jpg", "empty.png", "missing.png"))
+    assert len(trainer.train_dataset) == 8 and trainer.state.global_step == 3
+    modes = sorted(example["images"][0].mode for example in trainer.train_dataset)
+    assert modes == ["CMYK", "CMYK", "L", "L", "L", "RGB", "RGB", "RGB"]  # kept as they are; the processor converts
+    no_marker = next(e for e in trainer.train_dataset if e["messages"][1]["content"][0]["text"] == "gray")
+    assert no_marker["messages"][0]["content"][0]["type"] == "image"
