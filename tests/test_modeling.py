@@ -92,6 +92,25 @@ def test_save_load_in_process_is_bit_exact(model, processor, inputs, tmp_path):
     assert IMAGE_TOKEN_ID in loaded.generation_config.suppress_tokens
 
 
+def test_device_map_auto_loads_and_offloads_without_splitting_blocks(model, inputs, tmp_path):
+    model.save_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    placed = FlorenceVLForConditionalGeneration.from_pretrained(tmp_path / "saved", device_map="auto").eval()
+    # a CPU budget below the model's size (the vision tower is ~60 % of this tiny one) puts the rest of the LLM on
+    # disk, split only between `_no_split_modules`
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    offloaded = FlorenceVLForConditionalGeneration.from_pretrained(
+        tmp_path / "saved", device_map="auto", max_memory={"cpu": int(size * 0.9)}, offload_folder=tmp_path / "off"
+    ).eval()
+    assert offloaded.hf_device_map["model.vision_tower"] == "cpu" and "disk" in offloaded.hf_device_map.values()
+    assert not any(name.startswith("model.vision_tower.") for name in offloaded.hf_device_map), \
+        "the vision tower must stay one piece"
+    with torch.no_grad():
+        assert torch.equal(placed(**inputs).logits, reference)
+        torch.testing.assert_close(offloaded(**inputs).logits, reference)
+
+
 FRESH_PROCESS_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
