@@ -12,11 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import SFT, args_for, workdir  # noqa: F401 - workdir is a fixture
 from transformers import AutoModelForImageTextToText
 from transformers.trainer_utils import get_last_checkpoint
+
+from florence_vl.train import sft
 
 STATE = "trainer_state.json"  # written last: a checkpoint folder without it was cut short
 SAVE_EVERY, MAX_STEPS = 2, 8
@@ -71,10 +74,22 @@ def test_kill_mid_save_keeps_the_previous_checkpoint_loadable_and_resumable(work
     state = model.state_dict()
     assert all(torch.equal(saved[name], state[name]) for name in saved), "previous checkpoint loads differently"
 
-    # Auto-detection (`resume_from_checkpoint=True`) would pick the partial folder: name the previous one.
+    # transformers' auto-detection would pick the partial folder; `--resume_from_checkpoint true` skips it
     assert get_last_checkpoint(str(out)) == str(partial)
-    subprocess.run(train_command(workdir, out, "--resume_from_checkpoint", str(previous)), env=ENV, check=True,
-                   capture_output=True, timeout=300)
-    final = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
-    assert all(torch.isfinite(parameter).all() for parameter in final.parameters())
+    resumed = subprocess.run(train_command(workdir, out, "--resume_from_checkpoint", "true"), env=ENV, check=True,
+                             capture_output=True, text=True, timeout=300)
+    assert f"Resuming from {previous}." in resumed.stdout
     assert (out / f"checkpoint-{MAX_STEPS}" / STATE).exists()
+
+    uninterrupted = tmp_path / "uninterrupted"
+    subprocess.run(train_command(workdir, uninterrupted), env=ENV, check=True, capture_output=True, timeout=300)
+    final, reference = load_file(out / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    assert max((final[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
+
+
+def test_resume_true_without_a_complete_checkpoint_says_so(tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()  # partial: no trainer_state.json
+    with pytest.raises(ValueError, match=r"no complete checkpoint-N folder .* in '.*'"):
+        sft.resume_checkpoint("true", str(tmp_path))
+    assert sft.resume_checkpoint(None, str(tmp_path)) is None
+    assert sft.resume_checkpoint(str(tmp_path / "checkpoint-4"), str(tmp_path)) == str(tmp_path / "checkpoint-4")

@@ -20,6 +20,7 @@ or `--shapes_train_size` (the synthetic shapes-and-words task).
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback, set_seed
@@ -241,10 +242,36 @@ def build_trainer(script_args: ScriptArguments, training_args: SFTConfig, model_
     return trainer
 
 
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` whose save finished (`trainer_state.json`, written last, exists).
+
+    A process killed mid-save leaves a partial `checkpoint-N` that transformers' `get_last_checkpoint` would pick.
+    """
+    folders = [path for path in Path(output_dir).glob("checkpoint-*")
+               if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()]
+    return str(max(folders, key=lambda path: int(path.name.split("-")[-1]))) if folders else None
+
+
+def resume_checkpoint(resume: str | bool | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint`: a folder as given, or `true` for the last complete checkpoint of the run."""
+    if resume is None or resume is False or str(resume).lower() in ("false", "no", ""):
+        return None
+    if resume is True or str(resume).lower() in ("true", "yes", "last"):
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise ValueError(f"--resume_from_checkpoint {resume}: no complete checkpoint-N folder (with "
+                             f"trainer_state.json) in {output_dir!r}; give a checkpoint folder or start afresh.")
+        return checkpoint
+    return resume
+
+
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, args: FlorenceVLArguments):
     trainer = build_trainer(script_args, training_args, model_args, args)
     processor = trainer.processing_class
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    checkpoint = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if checkpoint is not None:
+        trainer.accelerator.print(f"Resuming from {checkpoint}.")
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     processor.save_pretrained(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
