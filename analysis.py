@@ -459,8 +459,9 @@ def _text(message: dict) -> str:
 
 
 def analyze_alignment(args) -> None:
-    from florence_vl.cli import UsageError, load
+    from florence_vl.cli import UsageError, load, require_extra
 
+    require_extra("analysis", "matplotlib")
     model, processor = load(args.model, args.device, args.dtype)
     variants = (args.variants or list(feature_variants(model.config.feature_sources))) + (args.vision_model or [])
     try:
@@ -487,8 +488,10 @@ def analyze_pca(args) -> None:
 
 
 def analyze_ablations(args) -> None:
-    from florence_vl.cli import UsageError
+    from florence_vl.cli import UsageError, require_extra
 
+    require_extra("train", "trl", "peft", "datasets", "yaml")
+    require_extra("analysis", "matplotlib")
     try:
         results = run_ablations(args.variants, args.steps, args.out_dir, args.finetune_steps, args.n_eval,
                                 args.eval_seed)

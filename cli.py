@@ -1,6 +1,7 @@
 """The `florence-vl` command line: chat about an image, evaluate on shapes-and-words, convert checkpoints."""
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,16 @@ DEFAULT_MODEL = str(Path(__file__).resolve().parent / "checkpoints" / "florence-
 
 class UsageError(Exception):
     """A problem with what the user gave: printed as one line, exit code 2."""
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise a UsageError naming the pip extra when one of `modules` cannot be imported."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise UsageError(f"this command needs the {extra!r} extra ({module} is not installed): "
+                             f"pip install 'florence-vl[{extra}]'") from error
 
 
 def load(model_path: str, device: str = "cpu", dtype: str = "float32"):

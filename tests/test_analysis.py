@@ -1,6 +1,7 @@
 """The paper's analyses: alignment loss (§4), PCA maps (Fig. 3), ablation runner (Tables 1, 4, 5)."""
 
 import argparse
+import sys
 
 import numpy as np
 import pytest
@@ -139,3 +140,17 @@ def test_analyze_parser_wires_the_three_commands():
     assert args.run is analysis.analyze_alignment and args.vision_model == ["clip"] and args.n == 8
     with pytest.raises(SystemExit):
         parser.parse_args(["analyze", "ablations", "--variants", "concat"])
+
+
+@pytest.mark.parametrize(("argv", "missing", "extra"), [
+    (["analyze", "alignment", "--n", "4"], "matplotlib", "analysis"),
+    (["analyze", "ablations", "--steps", "1"], "trl", "train"),
+])
+def test_commands_name_the_missing_extra(argv, missing, extra, monkeypatch, capsys):
+    from florence_vl import cli
+
+    monkeypatch.setitem(sys.modules, missing, None)  # as if the extra were not installed: import fails
+    assert cli.main(argv) == 2
+    message = capsys.readouterr().err.strip()
+    assert message == (f"florence-vl: error: this command needs the {extra!r} extra ({missing} is not installed): "
+                       f"pip install 'florence-vl[{extra}]'")
