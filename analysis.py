@@ -368,7 +368,8 @@ def run_ablations(variants: Sequence[str], steps: int, out_dir: str | Path, fine
     Variants are names from `ABLATION_VARIANTS` (fusion modes; feature subsets). Each runs the tiny recipe
     (`train/recipes/tiny_shapes_*.yaml`) with `steps` stage-1 steps and `finetune_steps` stage-2 steps (default
     `steps // 4`, the recipe's ratio; 0 skips stage 2); the vision warm-up and the data size scale with `steps`.
-    Writes `ablations.md`, `ablations.json` and `ablations.png` in `out_dir`; returns variant -> scores.
+    Writes `ablations.md`, `ablations.json` and `ablations.png` in `out_dir` after each variant; returns variant ->
+    scores.
     """
     from florence_vl.train.shapes import evaluate
 
@@ -386,9 +387,10 @@ def run_ablations(variants: Sequence[str], steps: int, out_dir: str | Path, fine
         results[name] = evaluate(shapes_answer_fn(model, trainer.processing_class), n=n_eval, seed=eval_seed,
                                  progress=False)
         print(f"{name}: {results[name]}", flush=True)
-    (out_dir / "ablations.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out_dir / "ablations.md").write_text(ablation_table(results))
-    plot_ablations(results, out_dir / "ablations.png")
+        # rewritten after each variant: an interrupted run keeps what it finished
+        (out_dir / "ablations.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out_dir / "ablations.md").write_text(ablation_table(results))
+        plot_ablations(results, out_dir / "ablations.png")
     return results
 
 
