@@ -49,7 +49,8 @@ def args_for(workdir, out, stage, *extra):
         "--llava_json", str(workdir / "data.json"), "--image_folder", str(workdir / "images"),
         "--output_dir", str(out), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
         "--assistant_only_loss", "true", "--activation_checkpointing", "false", "--report_to", "none",
-        "--save_strategy", "no", "--logging_steps", "1", "--use_cpu", "true", "--seed", "0", "--max_steps", "3",
+        "--save_strategy", "no", "--logging_steps", "1", "--use_cpu", "true", "--bf16", "false", "--seed", "0",
+        "--max_steps", "3",
         *extra,
     ]
 
