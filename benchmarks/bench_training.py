@@ -146,7 +146,7 @@ def train_one(spec: TrainSpec) -> dict:
 def interleaved_speed(specs: list[TrainSpec], rounds: int) -> dict[str, dict]:
     """Step times of all `specs` built in one process and stepped in turn (A B C A B C ...), so that a change of
     machine load hits every configuration alike: the speed ratios to report. Keyed by `spec_key`."""
-    prepared = [(spec, *prepare(spec)[:1]) for spec in specs]
+    prepared = [(spec, prepare(spec)[0]) for spec in specs]
     for spec, step in prepared:
         timed(step, torch.device(spec.device))  # warm-up
     seconds = {spec_key(spec): [] for spec in specs}
@@ -172,18 +172,22 @@ def model_flops_utilization(step, step_seconds: float, device: torch.device) -> 
     return counter.get_total_flops() / step_seconds / (peak * 1e12)
 
 
+def run_worker(payload, run_py: Path):
+    """`run.py --train-worker` in a fresh subprocess; the JSON it prints last."""
+    payload = json.dumps(payload)
+    completed = subprocess.run([sys.executable, str(run_py), "--train-worker", payload], capture_output=True,
+                               text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"training worker failed for {payload}:\n{completed.stderr[-4000:]}")
+    return json.loads([line for line in completed.stdout.splitlines() if line[:1] in ("{", "[")][-1])
+
+
 def run_isolated(specs: list[TrainSpec], run_py: Path, isolate: bool) -> list[dict]:
     """Each spec in its own subprocess (isolate=True), or all in one (smoke: peak memory is then cumulative)."""
     groups = [[spec] for spec in specs] if isolate else [specs]
     results = []
     for group in groups:
-        payload = json.dumps([asdict(spec) for spec in group])
-        completed = subprocess.run([sys.executable, str(run_py), "--train-worker", payload], capture_output=True,
-                                   text=True)
-        if completed.returncode != 0:
-            raise RuntimeError(f"training worker failed for {payload}:\n{completed.stderr[-4000:]}")
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("{") or line.startswith("[")]
-        for result in json.loads(lines[-1]):
+        for result in run_worker([asdict(spec) for spec in group], run_py):
             result["peak_memory_isolated"] = isolate
             results.append(result)
     return results
@@ -203,12 +207,7 @@ def worker(payload: str) -> None:
 
 def run_interleaved(specs: list[TrainSpec], rounds: int, run_py: Path) -> dict[str, dict]:
     """`interleaved_speed` in one fresh subprocess."""
-    payload = json.dumps({"interleaved": rounds, "specs": [asdict(spec) for spec in specs]})
-    completed = subprocess.run([sys.executable, str(run_py), "--train-worker", payload], capture_output=True,
-                               text=True)
-    if completed.returncode != 0:
-        raise RuntimeError(f"interleaved training worker failed:\n{completed.stderr[-4000:]}")
-    return json.loads([line for line in completed.stdout.splitlines() if line.startswith("{")][-1])
+    return run_worker({"interleaved": rounds, "specs": [asdict(spec) for spec in specs]}, run_py)
 
 
 def ratio(numerator: float, denominator: float) -> float | None:
