@@ -315,32 +315,43 @@ ABLATION_VARIANTS = {
     **{f"no_{prompt}": {"vision_feature_sources": ["image", *(p for p in PROMPTS if p != prompt)]}
        for prompt in PROMPTS},
 }
-RECIPE_STEPS = (4000, 1000)  # stage 1 and stage 2 steps of train/recipes/tiny_shapes_*.yaml
-RECIPE_FREEZE_STEPS, RECIPE_BATCH = 300, 16
+def _recipe(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((RECIPES / name).read_text())
 
 
-def _stage_argv(recipe: str, steps: int, output_dir: Path, extra: list[str]) -> list[str]:
+def recipe_steps() -> tuple[int, int]:
+    """Stage-1 and stage-2 steps of `train/recipes/tiny_shapes_*.yaml` (the ablation defaults)."""
+    return _recipe("tiny_shapes_pretrain.yaml")["max_steps"], _recipe("tiny_shapes_finetune.yaml")["max_steps"]
+
+
+def _stage_argv(recipe: str, steps: int, output_dir: Path, seed: int, extra: list[str]) -> list[str]:
+    batch = _recipe(recipe)["per_device_train_batch_size"]
     return ["--config", str(RECIPES / recipe), "--output_dir", str(output_dir), "--max_steps", str(steps),
-            "--shapes_train_size", str(steps * RECIPE_BATCH), "--image_sensitivity_steps", "0",
+            "--shapes_train_size", str(steps * batch), "--image_sensitivity_steps", "0", "--seed", str(seed),
             "--logging_steps", str(max(1, steps // 10)), "--disable_tqdm", "true", *extra]
 
 
-def train_variant(name: str, steps: int, finetune_steps: int, out_dir: Path):
-    """Stage 1 (and stage 2 when `finetune_steps` > 0) of the tiny recipe with the variant's config; the trainer."""
+def train_variant(name: str, steps: int, finetune_steps: int, out_dir: Path, seed: int = 0):
+    """Stage 1 (and stage 2 when `finetune_steps` > 0) of the tiny recipe with the variant's config and training
+    seed `seed`, in `out_dir/name/seed-{seed}/`; returns the trainer."""
     from florence_vl.train import sft
 
     folder = out_dir / name
-    folder.mkdir(parents=True, exist_ok=True)
+    run = folder / f"seed-{seed}"
+    run.mkdir(parents=True, exist_ok=True)
     options = json.loads((RECIPES / "tiny_shapes_model.json").read_text())
     options.update(ABLATION_VARIANTS[name])
     (folder / "model.json").write_text(json.dumps(options, indent=1))
-    freeze = round(steps * RECIPE_FREEZE_STEPS / RECIPE_STEPS[0])
-    stage_one = folder / ("pretrain" if finetune_steps else "model")
-    argv = _stage_argv("tiny_shapes_pretrain.yaml", steps, stage_one,
+    pretrain = _recipe("tiny_shapes_pretrain.yaml")
+    freeze = round(steps * pretrain["vision_freeze_steps"] / pretrain["max_steps"])
+    stage_one = run / ("pretrain" if finetune_steps else "model")
+    argv = _stage_argv("tiny_shapes_pretrain.yaml", steps, stage_one, seed,
                        ["--model_config", str(folder / "model.json"), "--vision_freeze_steps", str(freeze)])
     trainer = sft.main(*sft.make_parser().parse_args_and_config(args=argv))
     if finetune_steps:
-        argv = _stage_argv("tiny_shapes_finetune.yaml", finetune_steps, folder / "model",
+        argv = _stage_argv("tiny_shapes_finetune.yaml", finetune_steps, run / "model", seed,
                            ["--model_name_or_path", str(stage_one)])
         trainer = sft.main(*sft.make_parser().parse_args_and_config(args=argv))
     return trainer
@@ -361,47 +372,92 @@ def shapes_answer_fn(model, processor, max_new_tokens: int = 32):
     return answer
 
 
+def _ablation_run(name: str, seed: int, steps: int, finetune_steps: int, out_dir: Path, n_eval: int,
+                  eval_seed: int, threads: int | None = None) -> dict:
+    """One (variant, seed) run: train, then exact-match accuracy on the held-out set. Also a worker entry point."""
+    from florence_vl.train.shapes import evaluate
+
+    if threads:
+        torch.set_num_threads(threads)
+    trainer = train_variant(name, steps, finetune_steps, out_dir, seed)
+    return evaluate(shapes_answer_fn(trainer.model.eval(), trainer.processing_class), n=n_eval, seed=eval_seed,
+                    progress=False)
+
+
+def summarize(runs: dict[int, dict]) -> dict:
+    """Per-seed scores -> {"runs": per seed, "mean": ..., "std": ... (population sd; 0 for one seed)}."""
+    keys = next(iter(runs.values())).keys()
+    values = {key: torch.tensor([scores[key] for scores in runs.values()], dtype=torch.float64) for key in keys}
+    return {"runs": {str(seed): scores for seed, scores in runs.items()},
+            "mean": {key: round(v.mean().item(), 4) for key, v in values.items()},
+            "std": {key: round(v.std(correction=0).item(), 4) for key, v in values.items()}}
+
+
 def run_ablations(variants: Sequence[str], steps: int, out_dir: str | Path, finetune_steps: int | None = None,
-                  n_eval: int = 500, eval_seed: int = 12345) -> dict[str, dict]:
-    """Train one tiny shapes-and-words model per variant, evaluate each, write the table and chart.
+                  n_eval: int = 500, eval_seed: int = 12345, seeds: Sequence[int] = (0,),
+                  jobs: int = 1) -> dict[str, dict]:
+    """Train one tiny shapes-and-words model per variant and training seed, evaluate each, write table and chart.
 
     Variants are names from `ABLATION_VARIANTS` (fusion modes; feature subsets). Each runs the tiny recipe
     (`train/recipes/tiny_shapes_*.yaml`) with `steps` stage-1 steps and `finetune_steps` stage-2 steps (default
-    `steps // 4`, the recipe's ratio; 0 skips stage 2); the vision warm-up and the data size scale with `steps`.
-    Writes `ablations.md`, `ablations.json` and `ablations.png` in `out_dir` after each variant; returns variant ->
-    scores.
+    `steps // 4`; 0 skips stage 2); the vision warm-up and the data size scale with `steps`; `--seed` takes each of
+    `seeds` (the data stay the recipe's). `jobs` > 1 runs that many trainings at once, one CPU thread each.
+    Writes `ablations.md`, `ablations.json` and `ablations.png` in `out_dir` after each finished variant; returns
+    variant -> `summarize` of its seeds.
     """
-    from florence_vl.train.shapes import evaluate
-
     unknown = [v for v in variants if v not in ABLATION_VARIANTS]
     if unknown or not variants:
         raise ValueError(f"ablation variants {unknown or list(variants)} are not known; use {list(ABLATION_VARIANTS)}.")
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1.")
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds={seeds}: give one or more distinct integers.")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} must be an integer >= 1.")
     finetune_steps = steps // 4 if finetune_steps is None else finetune_steps
     out_dir = Path(out_dir)
-    results = {}
-    for name in variants:
-        trainer = train_variant(name, steps, finetune_steps, out_dir)
-        model = trainer.model.eval()
-        results[name] = evaluate(shapes_answer_fn(model, trainer.processing_class), n=n_eval, seed=eval_seed,
-                                 progress=False)
-        print(f"{name}: {results[name]}", flush=True)
-        # rewritten after each variant: an interrupted run keeps what it finished
-        (out_dir / "ablations.json").write_text(json.dumps(results, indent=1) + "\n")
-        (out_dir / "ablations.md").write_text(ablation_table(results))
-        plot_ablations(results, out_dir / "ablations.png")
-    return results
+    tasks = [(name, seed) for name in variants for seed in seeds]
+    common = (steps, finetune_steps, out_dir, n_eval, eval_seed)
+    scores: dict[str, dict[int, dict]] = {name: {} for name in variants}
+    results: dict[str, dict] = {}
+
+    def record(name: str, seed: int, value: dict) -> None:
+        scores[name][seed] = value
+        print(f"{name} seed {seed}: {value}", flush=True)
+        if len(scores[name]) == len(seeds):  # rewritten after each variant: an interrupted run keeps what it finished
+            results[name] = summarize({s: scores[name][s] for s in seeds})
+            done = {n: results[n] for n in variants if n in results}
+            (out_dir / "ablations.json").write_text(json.dumps(done, indent=1) + "\n")
+            (out_dir / "ablations.md").write_text(ablation_table(done))
+            plot_ablations(done, out_dir / "ablations.png")
+
+    if jobs == 1:
+        for name, seed in tasks:
+            record(name, seed, _ablation_run(name, seed, *common))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_ablation_run, name, seed, *common, threads=1): (name, seed)
+                       for name, seed in tasks}
+            for future, (name, seed) in futures.items():
+                record(name, seed, future.result())
+    return {name: results[name] for name in variants}
 
 
 def ablation_table(results: dict[str, dict]) -> str:
-    """Markdown: one row per variant, exact-match accuracy per question type and overall."""
+    """Markdown: one row per variant, mean exact-match accuracy per question type and overall (± the sd over
+    seeds when there are several)."""
     from florence_vl.train.shapes import QUESTION_TYPES
 
     columns = [*QUESTION_TYPES, "overall"]
-    lines = ["| variant | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for name, scores in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{scores[column]:.3f}" for column in columns) + " |")
+    lines = ["| variant | seeds | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for name, summary in results.items():
+        several = len(summary["runs"]) > 1
+        cells = [f"{summary['mean'][c]:.3f}" + (f" ± {summary['std'][c]:.3f}" if several else "") for c in columns]
+        lines.append(f"| {name} | {len(summary['runs'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -415,8 +471,9 @@ def plot_ablations(results: dict[str, dict], path: str | Path) -> Path:
     figure = Figure(figsize=(8, 4), dpi=120)
     axes = figure.add_subplot()
     width = 0.8 / len(results)
-    for index, (name, scores) in enumerate(results.items()):
-        axes.bar([c + index * width for c in range(len(columns))], [scores[c] for c in columns], width, label=name)
+    for index, (name, summary) in enumerate(results.items()):
+        axes.bar([c + index * width for c in range(len(columns))], [summary["mean"][c] for c in columns], width,
+                 yerr=[summary["std"][c] for c in columns], capsize=2, label=name)
     axes.set_xticks([c + 0.4 - width / 2 for c in range(len(columns))], columns)
     axes.set(ylabel="exact match", ylim=(0, 1), title="Shapes-and-words ablations")
     axes.legend(fontsize="small")
@@ -495,8 +552,10 @@ def analyze_ablations(args) -> None:
     require_extra("train", "trl", "peft", "datasets", "yaml")
     require_extra("analysis", "matplotlib")
     try:
-        results = run_ablations(args.variants, args.steps, args.out_dir, args.finetune_steps, args.n_eval,
-                                args.eval_seed)
+        steps, finetune_steps = recipe_steps()
+        results = run_ablations(args.variants, steps if args.steps is None else args.steps, args.out_dir,
+                                finetune_steps if args.finetune_steps is None else args.finetune_steps,
+                                args.n_eval, args.eval_seed, args.seeds, args.jobs)
     except ValueError as error:
         raise UsageError(str(error)) from error
     print(ablation_table(results))
@@ -540,8 +599,10 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
 
     ablations = commands.add_parser("ablations", help="train + evaluate one tiny model per variant (Tables 1, 4, 5)")
     ablations.add_argument("--variants", nargs="+", default=list(ABLATION_VARIANTS), choices=list(ABLATION_VARIANTS))
-    ablations.add_argument("--steps", type=int, default=RECIPE_STEPS[0], help="stage-1 steps per variant")
-    ablations.add_argument("--finetune-steps", type=int, default=RECIPE_STEPS[1], help="stage-2 steps (0: none)")
+    ablations.add_argument("--steps", type=int, help="stage-1 steps per variant (default: the recipe's)")
+    ablations.add_argument("--finetune-steps", type=int, help="stage-2 steps (default: the recipe's; 0: none)")
+    ablations.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds per variant")
+    ablations.add_argument("--jobs", type=int, default=1, help="trainings at once (one CPU thread each)")
     ablations.add_argument("--n-eval", type=int, default=500)
     ablations.add_argument("--eval-seed", type=int, default=12345)
     ablations.add_argument("--out-dir", default="analysis/ablations")

@@ -114,6 +114,8 @@ class FlorenceVLMultiModalProjector(nn.Module):
         for _ in range(config.projector_depth - 1):
             layers += [ACT2FN[config.projector_hidden_act], nn.Linear(hidden, hidden)]
         self.mlp = nn.Sequential(*layers)
+        for layer in self.mlp[::2]:
+            layer.fan_in_init = True
 
     def fuse(self, features: list[torch.Tensor]) -> torch.Tensor:
         if self.fusion_mode == "channel_concat":
@@ -146,6 +148,9 @@ class FlorenceVLPreTrainedModel(PreTrainedModel):
             table = torch.empty(module.max_seq_len, module.embed_dim)
             table[:, 0::2], table[:, 1::2] = sine, cosine
             init.copy_(module.pos_idx_to_embed, table)
+        if isinstance(module, nn.Linear) and getattr(module, "fan_in_init", False):
+            init.normal_(module.weight, std=module.in_features**-0.5)
+            init.zeros_(module.bias)
 
 
 class FlorenceVLModel(FlorenceVLPreTrainedModel):

@@ -1,6 +1,8 @@
 """The paper's analyses: alignment loss (§4), PCA maps (Fig. 3), ablation runner (Tables 1, 4, 5)."""
 
 import argparse
+import json
+import re
 import sys
 
 import numpy as np
@@ -121,12 +123,41 @@ def test_run_ablations_writes_one_row_per_variant(tmp_path):
                                      finetune_steps=1, n_eval=5)
     assert list(results) == ["channel_concat", "image_only"]
     table = (tmp_path / "ablations.md").read_text().strip().splitlines()
-    assert table[0].split("|")[1:-1] == [" variant ", *(f" {c} " for c in (*QUESTION_TYPES, "overall"))]
+    assert table[0].split("|")[1:-1] == [" variant ", " seeds ", *(f" {c} " for c in (*QUESTION_TYPES, "overall"))]
     assert [row.split("|")[1].strip() for row in table[2:]] == ["channel_concat", "image_only"]
-    assert (tmp_path / "image_only" / "model" / "config.json").is_file()
+    assert [row.split("|")[2].strip() for row in table[2:]] == ["1", "1"]
+    assert (tmp_path / "image_only" / "seed-0" / "model" / "config.json").is_file()
     assert '"image"' in (tmp_path / "image_only" / "model.json").read_text()
     with Image.open(tmp_path / "ablations.png") as chart:
         assert chart.size[0] > 200
+
+
+def test_run_ablations_over_seeds_in_parallel_reports_mean_and_spread(tmp_path):
+    results = analysis.run_ablations(["average"], steps=2, out_dir=tmp_path, finetune_steps=0, n_eval=5,
+                                     seeds=[3, 4], jobs=2)
+    summary = results["average"]
+    assert sorted(summary["runs"]) == ["3", "4"]
+    for key in (*QUESTION_TYPES, "overall"):
+        values = [summary["runs"][seed][key] for seed in ("3", "4")]
+        assert summary["mean"][key] == pytest.approx(sum(values) / 2, abs=1e-4)
+        assert summary["std"][key] == pytest.approx(abs(values[0] - values[1]) / 2, abs=1e-4)
+    assert json.loads((tmp_path / "ablations.json").read_text()) == results
+    row = (tmp_path / "ablations.md").read_text().strip().splitlines()[2].split("|")
+    assert row[2].strip() == "2" and all("±" in cell for cell in row[3:-1])
+    for seed in (3, 4):
+        config = json.loads((tmp_path / "average" / f"seed-{seed}" / "model" / "config.json").read_text())
+        assert config["fusion_mode"] == "average"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(seeds=[]), "seeds=[]"), (dict(seeds=[1, 1]), "seeds=[1, 1]"), (dict(jobs=0), "jobs=0"),
+    (dict(steps=0), "steps=0"),
+])
+def test_run_ablations_names_bad_arguments(kwargs, message, tmp_path):
+    arguments = dict(variants=["average"], steps=2, out_dir=tmp_path) | kwargs
+    with pytest.raises(ValueError, match=re.escape(message)):
+        analysis.run_ablations(**arguments)
+    assert not list(tmp_path.iterdir())  # nothing trained or written
 
 
 def test_analyze_parser_wires_the_three_commands():

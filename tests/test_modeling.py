@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import IMAGE_TOKEN_ID, VOCAB_SIZE, tiny_config, tiny_processor
+from tiny import IMAGE_TOKEN_ID, TEXT_CONFIGS, VOCAB_SIZE, tiny_config, tiny_processor
 
 from florence_vl import FlorenceVLForConditionalGeneration, FlorenceVLProcessor
 
@@ -327,6 +327,25 @@ def test_gradient_reaches_every_parameter(inputs):
         no_grad = [name for name in names if parameters[name].grad is None or not parameters[name].grad.any()]
         assert not no_grad, f"{group}: no gradient for {no_grad}"
     assert set(parameters) == {name for name in parameters if name.startswith(tuple(PARAMETER_GROUPS.values()))}
+
+
+@pytest.mark.parametrize("hidden_size", [32, 128, 1024])
+def test_fresh_projector_keeps_the_scale_of_the_vision_features(hidden_size):
+    """A new projector (random init, or `from_pretrained_parts`) passes image features on at about their scale.
+
+    With transformers' default N(0, 0.02) for every Linear, each of its three layers at width 128 scaled features
+    by ~0.2 (output std 0.003 for unit inputs): the LLM then ignored the image for hundreds of steps and the tiny
+    recipe stayed on the text-prior plateau for some seeds (README, "What made it learn").
+    """
+    torch.manual_seed(0)
+    text_config = dict(TEXT_CONFIGS["llama"], hidden_size=hidden_size, intermediate_size=2 * hidden_size)
+    model = FlorenceVLForConditionalGeneration(tiny_config(text_config=text_config))
+    projector = model.model.multi_modal_projector
+    features = [torch.randn(64, 5, model.config.vision_config.vision_config.projection_dim) for _ in range(4)]
+    with torch.no_grad():
+        ratio = (projector(features).std() / torch.cat(features, -1).std()).item()
+    assert 0.1 < ratio < 3.0, f"projector output/input std = {ratio:.4f} at hidden size {hidden_size}"
+    assert model.model.language_model.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.1)  # LLM untouched
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(inputs):
