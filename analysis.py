@@ -402,8 +402,9 @@ def run_ablations(variants: Sequence[str], steps: int, out_dir: str | Path, fine
     (`train/recipes/tiny_shapes_*.yaml`) with `steps` stage-1 steps and `finetune_steps` stage-2 steps (default
     `steps // 4`; 0 skips stage 2); the vision warm-up and the data size scale with `steps`; `--seed` takes each of
     `seeds` (the data stay the recipe's). `jobs` > 1 runs that many trainings at once, one CPU thread each.
-    Writes `ablations.md`, `ablations.json` and `ablations.png` in `out_dir` after each finished variant; returns
-    variant -> `summarize` of its seeds.
+    Writes `ablations.md`, `ablations.json` and `ablations.png` in `out_dir` after each finished variant; a variant
+    already in `out_dir/ablations.json` with the same seeds is not trained again, and the table keeps the variants
+    of earlier runs. Returns variant -> `summarize` of its seeds.
     """
     unknown = [v for v in variants if v not in ABLATION_VARIANTS]
     if unknown or not variants:
@@ -417,20 +418,26 @@ def run_ablations(variants: Sequence[str], steps: int, out_dir: str | Path, fine
         raise ValueError(f"jobs={jobs!r} must be an integer >= 1.")
     finetune_steps = steps // 4 if finetune_steps is None else finetune_steps
     out_dir = Path(out_dir)
-    tasks = [(name, seed) for name in variants for seed in seeds]
+    setting = dict(steps=steps, finetune_steps=finetune_steps, n_eval=n_eval, eval_seed=eval_seed)
+    saved = out_dir / "ablations.json"
+    earlier = json.loads(saved.read_text()) if saved.is_file() else {}
+    results: dict[str, dict] = {name: entry for name, entry in earlier.items()  # same setting; for this call's
+                                if isinstance(entry, dict) and entry.get("setting") == setting  # variants, same seeds
+                                and (name not in variants or sorted(entry["runs"]) == sorted(map(str, seeds)))}
+    if set(earlier) - set(results):
+        print(f"ablations: not kept from {saved} (other steps or seeds): {sorted(set(earlier) - set(results))}")
+    tasks = [(name, seed) for name in variants if name not in results for seed in seeds]
     common = (steps, finetune_steps, out_dir, n_eval, eval_seed)
     scores: dict[str, dict[int, dict]] = {name: {} for name in variants}
-    results: dict[str, dict] = {}
 
     def record(name: str, seed: int, value: dict) -> None:
         scores[name][seed] = value
         print(f"{name} seed {seed}: {value}", flush=True)
         if len(scores[name]) == len(seeds):  # rewritten after each variant: an interrupted run keeps what it finished
-            results[name] = summarize({s: scores[name][s] for s in seeds})
-            done = {n: results[n] for n in variants if n in results}
-            (out_dir / "ablations.json").write_text(json.dumps(done, indent=1) + "\n")
-            (out_dir / "ablations.md").write_text(ablation_table(done))
-            plot_ablations(done, out_dir / "ablations.png")
+            results[name] = summarize({s: scores[name][s] for s in seeds}) | {"setting": setting}
+            saved.write_text(json.dumps(results, indent=1) + "\n")
+            (out_dir / "ablations.md").write_text(ablation_table(results))
+            plot_ablations(results, out_dir / "ablations.png")
 
     if jobs == 1:
         for name, seed in tasks:

@@ -131,6 +131,14 @@ def test_run_ablations_writes_one_row_per_variant(tmp_path):
     with Image.open(tmp_path / "ablations.png") as chart:
         assert chart.size[0] > 200
 
+    # A later call on the same folder keeps finished variants (same steps and seeds) and trains only the new one.
+    weights = tmp_path / "image_only" / "seed-0" / "model" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = analysis.run_ablations(["image_only", "average"], steps=3, out_dir=tmp_path, finetune_steps=1, n_eval=5)
+    assert weights.stat().st_mtime_ns == before and again["image_only"] == results["image_only"]
+    table = (tmp_path / "ablations.md").read_text().strip().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["channel_concat", "image_only", "average"]
+
 
 def test_run_ablations_over_seeds_in_parallel_reports_mean_and_spread(tmp_path):
     results = analysis.run_ablations(["average"], steps=2, out_dir=tmp_path, finetune_steps=0, n_eval=5,
