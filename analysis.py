@@ -4,7 +4,7 @@ fusion / feature ablations (Tables 1, 4, 5) on the shapes-and-words task.
 ```bash
 florence-vl analyze alignment --model checkpoints/florence-vl-tiny-shapes --out-dir analysis/alignment
 florence-vl analyze pca examples/shapes_0.png --out analysis/pca.png
-florence-vl analyze ablations --out-dir analysis/ablations   # 8 tiny models, full recipe: ~2.5-3 h, one CPU core
+florence-vl analyze ablations --seeds 0 1 --jobs 2 --out-dir analysis/ablations   # 16 tiny models: see README
 ```
 
 matplotlib (the `analysis` extra) is imported only by the functions that draw a plot.
@@ -321,9 +321,12 @@ def _recipe(name: str) -> dict:
     return yaml.safe_load((RECIPES / name).read_text())
 
 
+STAGE_ONE, STAGE_TWO = "tiny_shapes_pretrain.yaml", ("tiny_shapes_questions.yaml", "tiny_shapes_finetune.yaml")
+
+
 def recipe_steps() -> tuple[int, int]:
-    """Stage-1 and stage-2 steps of `train/recipes/tiny_shapes_*.yaml` (the ablation defaults)."""
-    return _recipe("tiny_shapes_pretrain.yaml")["max_steps"], _recipe("tiny_shapes_finetune.yaml")["max_steps"]
+    """Stage-1 and stage-2 steps of the tiny recipe (`train/tiny_shapes.sh`; stage 2 has two parts)."""
+    return _recipe(STAGE_ONE)["max_steps"], sum(_recipe(name)["max_steps"] for name in STAGE_TWO)
 
 
 def _stage_argv(recipe: str, steps: int, output_dir: Path, seed: int, extra: list[str]) -> list[str]:
@@ -334,8 +337,9 @@ def _stage_argv(recipe: str, steps: int, output_dir: Path, seed: int, extra: lis
 
 
 def train_variant(name: str, steps: int, finetune_steps: int, out_dir: Path, seed: int = 0):
-    """Stage 1 (and stage 2 when `finetune_steps` > 0) of the tiny recipe with the variant's config and training
-    seed `seed`, in `out_dir/name/seed-{seed}/`; returns the trainer."""
+    """The tiny recipe with the variant's config and training seed `seed`, in `out_dir/name/seed-{seed}/`: stage 1
+    for `steps`, then (when `finetune_steps` > 0) the two parts of stage 2, splitting `finetune_steps` as the recipe
+    does. The vision warm-up and the data sizes scale with the steps. Returns the last trainer."""
     from florence_vl.train import sft
 
     folder = out_dir / name
@@ -344,16 +348,19 @@ def train_variant(name: str, steps: int, finetune_steps: int, out_dir: Path, see
     options = json.loads((RECIPES / "tiny_shapes_model.json").read_text())
     options.update(ABLATION_VARIANTS[name])
     (folder / "model.json").write_text(json.dumps(options, indent=1))
-    pretrain = _recipe("tiny_shapes_pretrain.yaml")
+    pretrain = _recipe(STAGE_ONE)
     freeze = round(steps * pretrain["vision_freeze_steps"] / pretrain["max_steps"])
-    stage_one = run / ("pretrain" if finetune_steps else "model")
-    argv = _stage_argv("tiny_shapes_pretrain.yaml", steps, stage_one, seed,
+    source = run / ("pretrain" if finetune_steps else "model")
+    argv = _stage_argv(STAGE_ONE, steps, source, seed,
                        ["--model_config", str(folder / "model.json"), "--vision_freeze_steps", str(freeze)])
     trainer = sft.main(*sft.make_parser().parse_args_and_config(args=argv))
     if finetune_steps:
-        argv = _stage_argv("tiny_shapes_finetune.yaml", finetune_steps, run / "model", seed,
-                           ["--model_name_or_path", str(stage_one)])
-        trainer = sft.main(*sft.make_parser().parse_args_and_config(args=argv))
+        shares = [_recipe(recipe)["max_steps"] for recipe in STAGE_TWO]
+        for recipe, share, target in zip(STAGE_TWO, shares, (run / "questions", run / "model")):
+            part = max(1, round(finetune_steps * share / sum(shares)))
+            argv = _stage_argv(recipe, part, target, seed, ["--model_name_or_path", str(source)])
+            trainer = sft.main(*sft.make_parser().parse_args_and_config(args=argv))
+            source = target
     return trainer
 
 
@@ -399,9 +406,9 @@ def run_ablations(variants: Sequence[str], steps: int, out_dir: str | Path, fine
     """Train one tiny shapes-and-words model per variant and training seed, evaluate each, write table and chart.
 
     Variants are names from `ABLATION_VARIANTS` (fusion modes; feature subsets). Each runs the tiny recipe
-    (`train/recipes/tiny_shapes_*.yaml`) with `steps` stage-1 steps and `finetune_steps` stage-2 steps (default
-    `steps // 4`; 0 skips stage 2); the vision warm-up and the data size scale with `steps`; `--seed` takes each of
-    `seeds` (the data stay the recipe's). `jobs` > 1 runs that many trainings at once, one CPU thread each.
+    (`train/tiny_shapes.sh`, see `train_variant`) with `steps` stage-1 steps and `finetune_steps` stage-2 steps
+    (default `steps * 4 // 5`, the recipe's ratio; 0 skips stage 2) and `--seed` set to each of `seeds` (the data
+    stay the recipe's). `jobs` > 1 runs that many trainings at once, one CPU thread each.
     Writes `ablations.md`, `ablations.json` and `ablations.png` in `out_dir` after each finished variant; a variant
     already in `out_dir/ablations.json` with the same seeds is not trained again, and the table keeps the variants
     of earlier runs. Returns variant -> `summarize` of its seeds.
@@ -416,7 +423,7 @@ def run_ablations(variants: Sequence[str], steps: int, out_dir: str | Path, fine
         raise ValueError(f"seeds={seeds}: give one or more distinct integers.")
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} must be an integer >= 1.")
-    finetune_steps = steps // 4 if finetune_steps is None else finetune_steps
+    finetune_steps = steps * 4 // 5 if finetune_steps is None else finetune_steps
     out_dir = Path(out_dir)
     setting = dict(steps=steps, finetune_steps=finetune_steps, n_eval=n_eval, eval_seed=eval_seed)
     saved = out_dir / "ablations.json"

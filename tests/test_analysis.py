@@ -127,6 +127,7 @@ def test_run_ablations_writes_one_row_per_variant(tmp_path):
     assert [row.split("|")[1].strip() for row in table[2:]] == ["channel_concat", "image_only"]
     assert [row.split("|")[2].strip() for row in table[2:]] == ["1", "1"]
     assert (tmp_path / "image_only" / "seed-0" / "model" / "config.json").is_file()
+    assert (tmp_path / "image_only" / "seed-0" / "questions" / "config.json").is_file()  # stage 2, first part
     assert '"image"' in (tmp_path / "image_only" / "model.json").read_text()
     with Image.open(tmp_path / "ablations.png") as chart:
         assert chart.size[0] > 200

@@ -6,7 +6,7 @@
 accelerate launch --config_file train/accelerate/ddp.yaml train/sft.py --config train/recipes/phi35_pretrain.yaml
 accelerate launch --config_file train/accelerate/ddp.yaml train/sft.py --config train/recipes/phi35_finetune.yaml
 
-# The tiny shapes-and-words checkpoint shipped in checkpoints/ (CPU, ~15 min):
+# The tiny shapes-and-words checkpoint shipped in checkpoints/ (CPU, one core: ~12 + ~6 min):
 python train/sft.py --config train/recipes/tiny_shapes_pretrain.yaml
 python train/sft.py --config train/recipes/tiny_shapes_finetune.yaml
 ```
