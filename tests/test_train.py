@@ -241,15 +241,23 @@ def test_recipes_parse_and_match_the_paper(recipe):
 
 
 def test_tiny_shapes_recipe_shortened_runs_both_stages(tmp_path):
-    """The shipped checkpoint's recipe, a few steps of each stage: trains, saves, and loads for generation."""
+    """The shipped checkpoint's recipe (`train/tiny_shapes.sh`: stage 1, then stage 2 as questions only and then the
+    full mix), a few steps of each part: trains, saves, and loads for generation."""
     recipes = REPO / "train" / "recipes"
-    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    stage1, questions, stage2 = tmp_path / "stage1", tmp_path / "questions", tmp_path / "stage2"
     common = ["--max_steps", "3", "--shapes_train_size", "48", "--image_sensitivity_steps", "2",
               "--logging_steps", "1", "--vision_freeze_steps", "1"]
     run_in_process(["--config", str(recipes / "tiny_shapes_pretrain.yaml"), "--output_dir", str(stage1),
                     "--model_config", str(recipes / "tiny_shapes_model.json"), *common])
+    first = run_in_process(["--config", str(recipes / "tiny_shapes_questions.yaml"), "--output_dir", str(questions),
+                            "--model_name_or_path", str(stage1), *common])
+    assert "describe" not in set(first.train_dataset["question_type"])  # the first part: questions only
     trainer = run_in_process(["--config", str(recipes / "tiny_shapes_finetune.yaml"), "--output_dir", str(stage2),
-                              "--model_name_or_path", str(stage1), *common])
+                              "--model_name_or_path", str(questions), *common])
+    parts = [yaml.safe_load((recipes / f"tiny_shapes_{name}.yaml").read_text())
+             for name in ("pretrain", "questions", "finetune")]  # the YAMLs chain each part's output to the next
+    assert [part["model_name_or_path"] for part in parts[1:]] == [part["output_dir"] for part in parts[:-1]]
+    assert parts[-1]["output_dir"] == "checkpoints/florence-vl-tiny-shapes"
     assert any("image_sensitivity" in entry for entry in trainer.state.log_history)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
