@@ -6,9 +6,10 @@
 accelerate launch --config_file train/accelerate/ddp.yaml train/sft.py --config train/recipes/phi35_pretrain.yaml
 accelerate launch --config_file train/accelerate/ddp.yaml train/sft.py --config train/recipes/phi35_finetune.yaml
 
-# The tiny shapes-and-words checkpoint shipped in checkpoints/ (CPU, one core: ~12 + ~6 min):
+# The tiny shapes-and-words checkpoint shipped in checkpoints/ (CPU, one core: ~12 + ~4 + ~1 min; train/tiny_shapes.sh):
 python train/sft.py --config train/recipes/tiny_shapes_pretrain.yaml
-python train/sft.py --config train/recipes/tiny_shapes_finetune.yaml
+python train/sft.py --config train/recipes/tiny_shapes_questions.yaml   # stage 2, part 1: short-answer questions
+python train/sft.py --config train/recipes/tiny_shapes_finetune.yaml    # stage 2, part 2: the full instruction mix
 ```
 
 Model sources, in order: `--model_name_or_path` (a Florence-VL folder or Hub id), `--florence2` + `--llm`
