@@ -29,11 +29,19 @@ CONVERSATIONS = [conversation(random_image(0, (64, 64)), "What is this?"),
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
+    """A random tiny checkpoint whose greedy answers to the two conversations differ, so a mix-up would show."""
     folder = tmp_path_factory.mktemp("tiny-florence-vl")
     config = tiny_config()
-    torch.manual_seed(0)
-    FlorenceVLForConditionalGeneration(config).save_pretrained(folder)
-    tiny_processor(config).save_pretrained(folder)
+    processor = tiny_processor(config)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        model = FlorenceVLForConditionalGeneration(config).eval()
+        if len({chat_answer(model, processor, messages) for messages in CONVERSATIONS}) == len(CONVERSATIONS):
+            break
+    else:
+        pytest.fail("no seed in 0..19 gives different answers to the two conversations")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder
 
 
@@ -46,14 +54,18 @@ def pipe(folder):
 
 def direct_answer(pipe, **processor_inputs) -> str:
     """Greedy continuation through model.generate, decoded as the pipeline does."""
-    inputs = pipe.processor(**processor_inputs, return_tensors="pt")
-    output = pipe.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    return pipe.processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return greedy_answer(pipe.model, pipe.processor, **processor_inputs)
 
 
-def chat_answer(pipe, messages: list[dict]) -> str:
-    prompt = pipe.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return direct_answer(pipe, text=prompt, images=messages[0]["content"][0]["image"])
+def greedy_answer(model, processor, **processor_inputs) -> str:
+    inputs = processor(**processor_inputs, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def chat_answer(model, processor, messages: list[dict]) -> str:
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return greedy_answer(model, processor, text=prompt, images=messages[0]["content"][0]["image"])
 
 
 def test_chat_messages(pipe):
@@ -63,7 +75,7 @@ def test_chat_messages(pipe):
     assert outputs[0]["input_text"] == messages
     *history, reply = outputs[0]["generated_text"]
     assert history == messages and reply["role"] == "assistant"
-    assert reply["content"] == chat_answer(pipe, messages)
+    assert reply["content"] == chat_answer(pipe.model, pipe.processor, messages)
 
 
 def test_plain_prompt_with_images(pipe):
@@ -82,7 +94,7 @@ def test_batch_of_conversations(pipe, batch_size):
     outputs = pipe(text=CONVERSATIONS, generate_kwargs={"max_new_tokens": MAX_NEW_TOKENS}, return_full_text=False,
                    batch_size=batch_size)
     assert len(outputs) == len(CONVERSATIONS)
-    answers = [chat_answer(pipe, messages) for messages in CONVERSATIONS]
+    answers = [chat_answer(pipe.model, pipe.processor, messages) for messages in CONVERSATIONS]
     assert answers[0] and answers[0] != answers[1], "the test needs two different answers to catch a mix-up"
     for messages, answer, output in zip(CONVERSATIONS, answers, outputs):
         assert len(output) == 1 and output[0]["input_text"] == messages
