@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -394,10 +395,21 @@ def _ablation_run(name: str, seed: int, steps: int, finetune_steps: int, out_dir
 def summarize(runs: dict[int, dict]) -> dict:
     """Per-seed scores -> {"runs": per seed, "mean": ..., "std": ... (population sd; 0 for one seed)}."""
     keys = next(iter(runs.values())).keys()
-    values = {key: torch.tensor([scores[key] for scores in runs.values()], dtype=torch.float64) for key in keys}
+    values = {key: [scores[key] for scores in runs.values()] for key in keys}
     return {"runs": {str(seed): scores for seed, scores in runs.items()},
-            "mean": {key: round(v.mean().item(), 4) for key, v in values.items()},
-            "std": {key: round(v.std(correction=0).item(), 4) for key, v in values.items()}}
+            "mean": {key: round(statistics.fmean(v), 4) for key, v in values.items()},
+            "std": {key: round(statistics.pstdev(v), 4) for key, v in values.items()}}
+
+
+def _reusable(earlier: dict, variants: Sequence[str], seeds: list[int], setting: dict) -> dict[str, dict]:
+    """The entries of an earlier `ablations.json` that this call keeps: same setting, and for the variants asked
+    for again, the same seeds."""
+    def keep(name: str, entry) -> bool:
+        if not isinstance(entry, dict) or entry.get("setting") != setting:
+            return False
+        return name not in variants or sorted(entry["runs"]) == sorted(map(str, seeds))
+
+    return {name: entry for name, entry in earlier.items() if keep(name, entry)}
 
 
 def run_ablations(variants: Sequence[str], steps: int, out_dir: str | Path, finetune_steps: int | None = None,
@@ -428,9 +440,7 @@ def run_ablations(variants: Sequence[str], steps: int, out_dir: str | Path, fine
     setting = dict(steps=steps, finetune_steps=finetune_steps, n_eval=n_eval, eval_seed=eval_seed)
     saved = out_dir / "ablations.json"
     earlier = json.loads(saved.read_text()) if saved.is_file() else {}
-    results: dict[str, dict] = {name: entry for name, entry in earlier.items()  # same setting; for this call's
-                                if isinstance(entry, dict) and entry.get("setting") == setting  # variants, same seeds
-                                and (name not in variants or sorted(entry["runs"]) == sorted(map(str, seeds)))}
+    results = _reusable(earlier, variants, seeds, setting)
     if set(earlier) - set(results):
         print(f"ablations: not kept from {saved} (other steps or seeds): {sorted(set(earlier) - set(results))}")
     tasks = [(name, seed) for name in variants if name not in results for seed in seeds]

@@ -52,12 +52,8 @@ def pipe(folder):
     return pipe
 
 
-def direct_answer(pipe, **processor_inputs) -> str:
-    """Greedy continuation through model.generate, decoded as the pipeline does."""
-    return greedy_answer(pipe.model, pipe.processor, **processor_inputs)
-
-
 def greedy_answer(model, processor, **processor_inputs) -> str:
+    """Greedy continuation through model.generate, decoded as the pipeline does."""
     inputs = processor(**processor_inputs, return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -82,7 +78,7 @@ def test_plain_prompt_with_images(pipe):
     image = CONVERSATIONS[0][0]["content"][0]["image"]
     prompt = "<image>What is this?"
     full = pipe(images=image, text=prompt, generate_kwargs={"max_new_tokens": MAX_NEW_TOKENS})
-    answer = direct_answer(pipe, text=prompt, images=image)
+    answer = greedy_answer(pipe.model, pipe.processor, text=prompt, images=image)
     assert full == [{"input_text": prompt, "generated_text": prompt + answer}]
     new_only = pipe(images=image, text=prompt, generate_kwargs={"max_new_tokens": MAX_NEW_TOKENS},
                     return_full_text=False)
