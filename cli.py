@@ -91,14 +91,21 @@ def chat(args) -> None:
         if not args.stream:
             print(text)
         return
-    print("Type a question, ':image PATH' to change the image, or ':quit'.")
-    for line in sys.stdin:
-        line = line.strip()
+    image_name = Path(args.image).name if args.image else None
+    print("Type a question about the image, ':image PATH' to change the image, ':quit' to leave.")
+    while True:
+        try:
+            line = input(f"[{image_name or 'no image'}] > ").strip()
+        except EOFError:
+            print()
+            break
         if line in (":quit", ":q"):
             break
         if line.startswith(":image "):
+            path = line.split(" ", 1)[1].strip()
             try:
-                image = open_image(line.split(" ", 1)[1].strip())
+                image, image_name = open_image(path), Path(path).name
+                print(f"image: {path}")
             except UsageError as error:
                 print(f"error: {error}")
             continue
@@ -113,8 +120,10 @@ def chat(args) -> None:
 
 
 def eval_shapes(args) -> None:
-    from florence_vl.train.shapes import evaluate
+    from florence_vl.train.shapes import evaluate, record_results
 
+    if args.record and not (Path(args.model) / "config.json").is_file():
+        raise UsageError(f"--record writes into a local model folder; {args.model!r} is not one")
     model, processor = load(args.model, args.device, args.dtype)
 
     def answer_batch(images, questions):
@@ -131,6 +140,9 @@ def eval_shapes(args) -> None:
     scores = evaluate(answer_batch, n=args.n, seed=args.seed, batch_size=args.batch_size)
     for name, value in scores.items():
         print(f"{name:>12}: {value:.3f}" if isinstance(value, float) else f"{name:>12}: {value}")
+    if args.record:
+        record_results(args.model, scores, args.seed)
+        print(f"recorded in {Path(args.model) / 'eval_results.json'} and its README.md")
 
 
 def convert(args) -> None:
@@ -165,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--n", type=int, default=500)
     eval_parser.add_argument("--seed", type=int, default=12345)
     eval_parser.add_argument("--batch-size", type=int, default=32)
+    eval_parser.add_argument("--record", action="store_true", help="write the scores to MODEL/eval_results.json "
+                                                                    "and into its model card (README.md)")
     model_options(eval_parser)
     eval_parser.set_defaults(run=eval_shapes)
 

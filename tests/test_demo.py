@@ -4,11 +4,15 @@ import filecmp
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
+
+from florence_vl.train.shapes import QUESTION_TYPES, record_results
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "checkpoints" / "florence-vl-tiny-shapes"
@@ -24,6 +28,40 @@ def normalize(text: str) -> str:
 @pytest.mark.parametrize("name", ["modeling_florence_vl.py", "configuration_florence_vl.py", "processing_florence_vl.py"])
 def test_checkpoint_code_equals_the_package(name):
     assert filecmp.cmp(CHECKPOINT / name, REPO / name, shallow=False), f"{name} in the checkpoint is stale"
+
+
+def test_card_and_readme_figures_are_the_recorded_ones():
+    """The shipped card's and README's scores are those `eval-shapes --record` wrote, not typed by hand."""
+    record = json.loads((CHECKPOINT / "eval_results.json").read_text())
+    scores = record["scores"]
+    card = ModelCard.load(CHECKPOINT / "README.md")
+    assert {result.metric_name: result.metric_value for result in card.data.eval_results} == {
+        f"exact match ({name})": round(value, 3) for name, value in scores.items()}
+    figures = set(re.findall(r"(?<![\d.])\d\.\d{3}(?!\d)", card.text))  # every score-like number
+    assert figures == {f"{value:.3f}" for value in scores.values()}, figures
+    assert f"{scores['overall']:.3f} overall" in card.text and f"{record['n']} images of seed {record['seed']}" in card.text
+    row = "| " + " | ".join(f"{scores[name]:.3f}" for name in (*QUESTION_TYPES, "overall")) + " |"
+    assert row in (REPO / "README.md").read_text(), f"README lacks the recorded row {row}"
+
+
+def test_record_results_writes_json_and_card_once(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(CHECKPOINT, folder)
+    scores = {"color": 0.5, "left_shape": 0.25, "right_shape": 1.0, "word": 0.75, "describe": 0.125,
+              "overall": 0.525, "n": 8}
+    for _ in range(2):  # a second run replaces the line, it does not add one
+        record_results(folder, scores, seed=7)
+    text = (folder / "README.md").read_text()
+    assert text.count("Held-out shapes-and-words exact match") == 1
+    assert "0.525 overall" in text and "0.998" not in text and "8 images of seed 7" in text
+    assert json.loads((folder / "eval_results.json").read_text())["scores"]["describe"] == 0.125
+    with pytest.raises(ValueError, match="overall"):
+        record_results(folder, {"n": 8}, seed=7)
+
+
+def test_shipped_generation_config_lists_each_end_token_once():
+    eos = json.loads((CHECKPOINT / "generation_config.json").read_text())["eos_token_id"]
+    assert len(set(eos)) == len(eos), eos
 
 
 def test_checkpoint_is_small_safetensors_with_auto_map():
@@ -87,4 +125,10 @@ def test_cli_interactive_and_bfloat16():
     result = subprocess.run(["florence-vl", "chat", "--interactive", image, "--dtype", "bfloat16"], input=script,
                             env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[1:] == [EXAMPLES[3]["answer"], EXAMPLES[1]["answer"]]
+    # Each input line is asked for with a prompt naming the active image (stdin is a pipe: no echo of the input).
+    assert result.stdout.splitlines()[1:] == [
+        f"[shapes_3.png] > {EXAMPLES[3]['answer']}",
+        f"[shapes_3.png] > image: {REPO / 'examples' / 'shapes_1.png'}",
+        f"[shapes_1.png] > {EXAMPLES[1]['answer']}",
+        "[shapes_1.png] > ",
+    ]

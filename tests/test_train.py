@@ -263,6 +263,8 @@ def test_tiny_shapes_recipe_shortened_runs_both_stages(tmp_path):
 
     model = AutoModelForImageTextToText.from_pretrained(stage2, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(stage2, trust_remote_code=True)
+    eos = model.generation_config.eos_token_id  # the shapes tokenizer's eos is its end-of-turn token: listed once
+    assert eos == [processor.tokenizer.convert_tokens_to_ids("<|end|>")], eos
     inputs = processor(text="<image>What word is written in the image?",
                        images=Image.new("RGB", (128, 128), "white"), return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=3)

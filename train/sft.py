@@ -92,7 +92,7 @@ def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig
         model.set_attn_implementation(model_args.attn_implementation)
     end_ids = [tokenizer.convert_tokens_to_ids(token) for token in ("<|end|>", "<|eot_id|>")
                if token in tokenizer.get_vocab()]
-    model.generation_config.eos_token_id = end_ids + [tokenizer.eos_token_id]
+    model.generation_config.eos_token_id = list(dict.fromkeys(end_ids + [tokenizer.eos_token_id]))  # no repeats
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = FlorenceVLProcessor(
         image_processor=florence2_image_processor(config.image_size), tokenizer=tokenizer,

@@ -242,3 +242,53 @@ def save_examples(folder, n: int, seed: int) -> list[dict]:
                         "answer": example["answer"]})
     (folder / "examples.json").write_text(json.dumps(records, indent=1) + "\n")
     return records
+
+
+RESULTS_FILE = "eval_results.json"
+_RESULTS_LINE = "Held-out shapes-and-words exact match"
+
+
+def record_results(folder, scores: dict, seed: int) -> dict:
+    """Write `scores` of `evaluate` (held-out `seed`) to `folder/eval_results.json` and into its model card.
+
+    The card (README.md, created from the config if absent) gets the figures as Hub `model-index` metadata and as
+    one line of text, both from `scores`: numbers in a card are never typed by hand.
+    """
+    import json
+    from pathlib import Path
+
+    from huggingface_hub import EvalResult, ModelCard
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{str(folder)!r} is not a model folder (no config.json); pass --model FOLDER to record.")
+    missing = [key for key in (*QUESTION_TYPES, "overall", "n") if key not in scores]
+    if missing:
+        raise ValueError(f"scores lack {missing}; pass the dict returned by evaluate().")
+    record = {"task": "shapes-and-words", "split": f"heldout seed {seed}", "n": scores["n"], "seed": seed,
+              "command": f"florence-vl eval-shapes --model {folder} --n {scores['n']} --seed {seed} --record",
+              "scores": {key: scores[key] for key in (*QUESTION_TYPES, "overall")}}
+    (folder / RESULTS_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+    card_path = folder / "README.md"
+    if card_path.is_file():
+        card = ModelCard.load(card_path)
+    else:
+        from transformers import AutoConfig
+
+        from florence_vl.convert import model_card
+
+        card = ModelCard(model_card(AutoConfig.from_pretrained(folder, trust_remote_code=True)))
+    card.data.model_name = card.data.model_name or folder.name
+    card.data.eval_results = [
+        EvalResult(task_type="image-text-to-text", dataset_type="shapes-and-words", dataset_name=record["split"],
+                   metric_type="exact_match", metric_name=f"exact match ({name})", metric_value=round(value, 3))
+        for name, value in record["scores"].items()
+    ]
+    per_type = ", ".join(f"{name} {record['scores'][name]:.3f}" for name in QUESTION_TYPES)
+    line = (f"{_RESULTS_LINE} on {scores['n']} images of seed {seed} (`{record['command']}`): "
+            f"{record['scores']['overall']:.3f} overall ({per_type}).")
+    body = [text for text in card.text.rstrip("\n").split("\n") if not text.startswith(_RESULTS_LINE)]
+    card.text = "\n".join(body).rstrip("\n") + "\n\n" + line + "\n"
+    card.save(card_path)
+    return record

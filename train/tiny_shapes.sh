@@ -9,4 +9,4 @@ time python train/sft.py --config train/recipes/tiny_shapes_pretrain.yaml "$@"
 time python train/sft.py --config train/recipes/tiny_shapes_questions.yaml "$@"
 time python train/sft.py --config train/recipes/tiny_shapes_finetune.yaml "$@"
 rm -f checkpoints/florence-vl-tiny-shapes/training_args.bin  # a pickle; the shipped folder holds safetensors only
-florence-vl eval-shapes --model checkpoints/florence-vl-tiny-shapes --n 500 --seed 12345
+florence-vl eval-shapes --model checkpoints/florence-vl-tiny-shapes --n 500 --seed 12345 --record
