@@ -212,11 +212,15 @@ def test_batched_generation_equals_one_by_one(llm, processor):
         assert batched[index].tolist() == alone.tolist(), f"sample {index}"
 
 
-def image_token_favouring_model() -> FlorenceVLForConditionalGeneration:
-    model = build_model()
-    with torch.no_grad():
-        model.lm_head.weight[IMAGE_TOKEN_ID] = 10.0 * model.lm_head.weight.abs().max()
-    return model
+def image_token_favouring_model(inputs) -> FlorenceVLForConditionalGeneration:
+    """A random model whose `<image>` logit is the largest at the end of both prompts (the first seed that gives it)."""
+    for seed in range(20):
+        model = build_model(seed)
+        with torch.no_grad():
+            model.lm_head.weight[IMAGE_TOKEN_ID] = 10.0 * model.lm_head.weight.abs().max()
+            if (model(**inputs).logits[:, -1].argmax(-1) == IMAGE_TOKEN_ID).all():
+                return model
+    raise AssertionError("no seed in 0..19 makes <image> the favourite")
 
 
 def assert_never_generates_image_token(model: FlorenceVLForConditionalGeneration, inputs, **settings) -> None:
@@ -231,12 +235,12 @@ def assert_never_generates_image_token(model: FlorenceVLForConditionalGeneration
 @pytest.mark.parametrize("settings", [dict(do_sample=False), dict(do_sample=True, top_k=0),
                                       dict(do_sample=False, num_beams=2)], ids=["greedy", "sample", "beam"])
 def test_image_token_is_never_generated(settings, inputs):
-    assert_never_generates_image_token(image_token_favouring_model(), inputs, **settings)
+    assert_never_generates_image_token(image_token_favouring_model(inputs), inputs, **settings)
 
 
 def test_image_token_is_never_generated_whatever_the_generation_config(inputs, tmp_path):
     """Also for a checkpoint saved without generation_config.json, and when the caller suppresses other tokens."""
-    image_token_favouring_model().save_pretrained(tmp_path)
+    image_token_favouring_model(inputs).save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").unlink()
     model = FlorenceVLForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert_never_generates_image_token(model, inputs, do_sample=False)

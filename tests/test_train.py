@@ -115,7 +115,7 @@ def test_finetune_freezes_vision_and_trains_projector_and_llm(workdir, tmp_path)
 def test_finetune_vision_builds_no_autograd_graph(workdir, tmp_path):
     trainer = run_in_process(args_for(workdir, tmp_path / "out", "finetune", "--max_steps", "1"))
     model = trainer.model
-    features, _ = model.model.vision_tower(torch.randn(2, 3, 64, 64))
+    features = model.model.vision_tower(torch.randn(2, 3, 64, 64)).source_features
     assert all(feature.grad_fn is None and not feature.requires_grad for feature in features)
 
 
