@@ -126,7 +126,7 @@ class FlorenceVLVisionModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["FlorenceVLVisionModel"]
+    _no_split_modules = ["FlorenceVLVisionModel"]  # device_map="auto" keeps it on one device (parents collect this)
     _supports_sdpa = True
     _supports_flash_attn = True  # the BART prompt encoder; DaViT stays on SDPA (FlorenceVLDaViT)
     _supports_flex_attn = True
@@ -218,7 +218,6 @@ class FlorenceVLPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["FlorenceVLVisionModel"]
     _supports_flash_attn = True  # the LLM and the BART prompt encoder; DaViT stays on SDPA (FlorenceVLDaViT)
     _supports_sdpa = True
     _supports_flex_attn = True
