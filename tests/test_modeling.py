@@ -141,7 +141,7 @@ def test_device_map_never_splits_the_vision_tower_even_when_it_does_not_fit(mode
 FRESH_PROCESS_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 
     folder, reference_file, report_file = sys.argv[1], sys.argv[2], sys.argv[3]
     reference = torch.load(reference_file, weights_only=True)
@@ -159,6 +159,16 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent("""
         print(auto_class.__name__, "max abs diff", diff, file=sys.stderr)
         report["loaded"][auto_class.__name__] = {
             "class": type(model).__name__, "module": type(model).__module__, "max_abs_diff": diff}
+    with torch.no_grad():
+        out = model(**reference["inputs"])
+    report["image_outputs_pooler_shape"] = list(out.image_outputs.pooler_output.shape)
+    report["vision_tower_is_pretrained_model"] = isinstance(model.model.vision_tower, PreTrainedModel)
+    mixed = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, attn_implementation={
+        "text_config": "eager", "vision_config": {"vision_config": "flash_attention_2", "text_config": "eager"}})
+    tower = mixed.model.vision_tower
+    report["attention"] = {"davit": tower.davit.config._attn_implementation,
+                           "bart": tower.prompt_encoder.config._attn_implementation,
+                           "llm": mixed.model.language_model.config._attn_implementation}
     report["florence_vl_imported"] = any(name.split(".")[0] == "florence_vl" for name in sys.modules)
     with open(report_file, "w") as handle:
         json.dump(report, handle)
@@ -190,6 +200,9 @@ def test_fresh_process_loads_with_trust_remote_code_bit_exact(model, processor, 
         assert loaded["class"] == "FlorenceVLForConditionalGeneration"  # AutoModel too (lmms-eval)
         assert loaded["module"].startswith("transformers_modules")
         assert loaded["max_abs_diff"] == 0.0
+    assert report["vision_tower_is_pretrained_model"]
+    assert report["image_outputs_pooler_shape"] == [2, model.config.num_image_tokens, 32]
+    assert report["attention"] == {"davit": "sdpa", "bart": "eager", "llm": "eager"}  # DaViT never on flash
 
 
 # --------------------------------------------------------------------------------------------------- generation
