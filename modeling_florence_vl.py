@@ -122,7 +122,6 @@ class FlorenceVLVisionModel(PreTrainedModel):
     """
 
     config: Florence2Config
-    base_model_prefix = "vision_tower"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
