@@ -35,8 +35,8 @@ SETTINGS = {  # florence2, llm, image px, text tokens for the training step, new
     "tiny": dict(florence2="toy", llm="toy", image_size=64, train_text_tokens=16, new_tokens=8, dtype="float32",
                  device="cpu"),
 }
-# Agreement across implementations: bf16 on random weights moves logits by a few 1e-2; greedy tokens may part at
-# near-ties, so only the first one is required to match.
+# Agreement across implementations: bf16 moves logits by a few 1e-2; greedy tokens may part at near-ties, so only
+# the first one is compared, and only where its margin exceeds the logit difference.
 MIN_LOGIT_COSINE = 0.99
 MAX_LOSS_RELATIVE_DIFF = 0.02
 
@@ -80,7 +80,8 @@ def check_one(model, implementation: str, inputs: dict, train_batch: dict, new_t
     loss.backward()
     optimizer.step()
     synchronize(device)
-    result.update(train_step_s=time.perf_counter() - start, loss=loss.item(), train_peak_memory_mb=peak_memory_mb(device),
+    result.update(train_step_s=time.perf_counter() - start, loss=loss.item(),
+                  train_peak_memory_mb=peak_memory_mb(device),
                   grad_norm=torch.linalg.vector_norm(torch.stack(
                       [p.grad.float().norm() for p in model.parameters() if p.grad is not None])).item())
     optimizer.zero_grad(set_to_none=True)
@@ -126,18 +127,21 @@ def run(setting: str, implementations: list[str]) -> dict:
             failures.append(f"{implementation}: DaViT resolved to {result['attention']['davit']}, not sdpa")
     reference = report["results"][0] if report["results"] else None
     for result in report["results"][1:]:
-        name = result["implementation"]
-        cosine = torch.nn.functional.cosine_similarity(logits[name].flatten(), logits[reference["implementation"]]
-                                                       .flatten(), dim=0).item()
+        name, base = result["implementation"], reference["implementation"]
+        cosine = torch.nn.functional.cosine_similarity(logits[name].flatten(), logits[base].flatten(), dim=0).item()
         loss_diff = abs(result["loss"] - reference["loss"]) / abs(reference["loss"])
-        result["vs_" + reference["implementation"]] = {"logit_cosine": cosine, "loss_relative_diff": loss_diff,
-                                                       "first_token_equal": result["new_tokens"][0]
-                                                       == reference["new_tokens"][0]}
-        if cosine < MIN_LOGIT_COSINE or loss_diff > MAX_LOSS_RELATIVE_DIFF or result["new_tokens"][0] != \
-                reference["new_tokens"][0]:
-            failures.append(f"{name} disagrees with {reference['implementation']}: logit cosine {cosine:.4f}, "
-                            f"loss relative diff {loss_diff:.4f}, first tokens {result['new_tokens'][0]} vs "
-                            f"{reference['new_tokens'][0]}")
+        # the first generated token is the argmax of the last prefill logits: it may differ only where the
+        # reference's top-2 margin is within the difference the implementations make there (a near-tie)
+        top2 = logits[base][-1].topk(2).values
+        margin, last_diff = (top2[0] - top2[1]).item(), (logits[name][-1] - logits[base][-1]).abs().max().item()
+        same_token = result["new_tokens"][0] == reference["new_tokens"][0]
+        result["vs_" + base] = {"logit_cosine": cosine, "loss_relative_diff": loss_diff,
+                                "first_token_equal": same_token, "top2_margin": margin,
+                                "last_logits_max_abs_diff": last_diff}
+        if cosine < MIN_LOGIT_COSINE or loss_diff > MAX_LOSS_RELATIVE_DIFF or (not same_token and margin > last_diff):
+            failures.append(f"{name} disagrees with {base}: logit cosine {cosine:.4f}, loss relative diff "
+                            f"{loss_diff:.4f}, first tokens {result['new_tokens'][0]} vs {reference['new_tokens'][0]} "
+                            f"(top-2 margin {margin:.4f}, logit diff {last_diff:.4f})")
     report["failures"] = failures
     return report
 
