@@ -114,7 +114,7 @@ def pooled_source_features(model, processor, images: list, batch_size: int = 16)
     pooled: dict[str, list[torch.Tensor]] = {source: [] for source in sources}
     for batch in _batches(images, batch_size):
         pixel_values = processor.image_processor(batch, return_tensors="pt")["pixel_values"]
-        features, _ = model.model.vision_tower(pixel_values.to(device, model.dtype))
+        features = model.model.vision_tower(pixel_values.to(device, model.dtype)).source_features
         for source, feature in zip(sources, features):
             pooled[source].append(feature.float().mean(1))
     return {source: torch.cat(parts) for source, parts in pooled.items()}
@@ -258,7 +258,7 @@ def pca_maps(model, processor, image, threshold: float = 0.0) -> dict[str, tuple
 
     model.eval()
     pixel_values = processor.image_processor(to_rgb(image), return_tensors="pt")["pixel_values"]
-    features, _ = model.model.vision_tower(pixel_values.to(next(model.parameters()).device, model.dtype))
+    features = model.model.vision_tower(pixel_values.to(next(model.parameters()).device, model.dtype)).source_features
     grid = model.config.vision_grid_size
     maps = {}
     for source, feature in zip(model.config.feature_sources, features):

@@ -418,6 +418,7 @@ def from_pretrained_parts(
     vision_prompts: tuple[str, ...] | list[str] = DEFAULT_VISION_PROMPTS,
     chat_template: str | None = None,
     dtype: torch.dtype | str | None = None,
+    model_init_kwargs: dict | None = None,
     **config_options,
 ) -> tuple[FlorenceVLForConditionalGeneration, FlorenceVLProcessor]:
     """Florence-VL from a native Florence-2 checkpoint and a causal LM (local folders or Hub ids).
@@ -426,25 +427,30 @@ def from_pretrained_parts(
     BART decoder and LM head. The LLM weights are copied unchanged; the DBFusion projector is initialised fresh.
     `<image>` is added to the LLM tokenizer (embeddings grown if it is new). `chat_template` is a family of
     `CHAT_TEMPLATES` (default: from the LLM's model_type) or a Jinja template; `config_options` go to
-    `FlorenceVLConfig` (e.g. `fusion_mode`, `vision_feature_sources`, `vision_prompt_names`).
+    `FlorenceVLConfig` (e.g. `fusion_mode`, `vision_feature_sources`, `vision_prompt_names`); `model_init_kwargs`
+    go to every `from_pretrained` of the parts (e.g. `revision`, `trust_remote_code`, `attn_implementation`, which
+    the built model keeps).
 
     ```python
     >>> model, processor = from_pretrained_parts("florence-community/Florence-2-large",
     ...                                          "microsoft/Phi-3.5-mini-instruct", dtype="bfloat16")
     ```"""
     report = ConversionReport()
-    template = resolve_chat_template(chat_template, PreTrainedConfig.get_config_dict(llm)[0].get("model_type"))
-    florence_config = Florence2Config.get_config_dict(florence2)[0]
+    load_kwargs = dict(model_init_kwargs or {})
+    hub_kwargs = {key: load_kwargs[key] for key in ("revision", "trust_remote_code") if key in load_kwargs}
+    template = resolve_chat_template(chat_template, PreTrainedConfig.get_config_dict(llm, **hub_kwargs)[0].get(
+        "model_type"))
+    florence_config = Florence2Config.get_config_dict(florence2, **hub_kwargs)[0]
     if florence_config.get("model_type") != "florence2" or "dim_embed" in florence_config.get("vision_config", {}):
         raise ValueError(f"{florence2!r} is not a native-format Florence-2 checkpoint (transformers' "
                          "Florence2ForConditionalGeneration, e.g. florence-community/Florence-2-large).")
-    florence_model = _load_complete(Florence2ForConditionalGeneration, florence2, dtype)
+    florence_model = _load_complete(Florence2ForConditionalGeneration, florence2, dtype, **load_kwargs)
     vision_weights = rename_state_dict(florence_model.state_dict(), FLORENCE2_NATIVE_RULES, report)
-    rows = prompt_ids(AutoTokenizer.from_pretrained(florence2), vision_prompts)
+    rows = prompt_ids(AutoTokenizer.from_pretrained(florence2, **hub_kwargs), vision_prompts)
 
-    causal_lm = _load_complete(AutoModelForCausalLM, llm, dtype)
+    causal_lm = _load_complete(AutoModelForCausalLM, llm, dtype, **load_kwargs)
     text_weights = _llm_weights(causal_lm)
-    tokenizer = AutoTokenizer.from_pretrained(llm)
+    tokenizer = AutoTokenizer.from_pretrained(llm, **hub_kwargs)
     image_token_id = add_image_token(tokenizer, report)
 
     config = FlorenceVLConfig(vision_config=florence_model.config, text_config=causal_lm.config,
@@ -454,6 +460,8 @@ def from_pretrained_parts(
     check_complete(config, state_dict, f"{florence2!r} + {llm!r}", may_miss="model.multi_modal_projector.")
     report.loaded = len(state_dict)
     model = load_from_state_dict(config, state_dict, causal_lm.dtype)
+    if "attn_implementation" in load_kwargs:
+        model.set_attn_implementation(load_kwargs["attn_implementation"])
     fit_vocabulary(model, len(tokenizer), report)
     set_generation_defaults(model, tokenizer, copy.deepcopy(causal_lm.generation_config))
     processor = build_processor(tokenizer, config, template)
@@ -462,9 +470,9 @@ def from_pretrained_parts(
     return model, processor
 
 
-def _load_complete(model_class, name: str, dtype):
+def _load_complete(model_class, name: str, dtype, **kwargs):
     """`model_class.from_pretrained(name)`, refusing a checkpoint that leaves weights randomly initialised."""
-    model, info = model_class.from_pretrained(name, dtype=dtype, output_loading_info=True)
+    model, info = model_class.from_pretrained(name, dtype=dtype, output_loading_info=True, **kwargs)
     if info["missing_keys"] or info["mismatched_keys"]:
         raise ValueError(f"{name!r} does not fit {model.__class__.__name__}: missing {sorted(info['missing_keys'])}, "
                          f"mismatched {sorted(info['mismatched_keys'])}.")

@@ -6,7 +6,7 @@ import numpy as np  # a hard dependency of transformers
 import torch
 from transformers import CLIPImageProcessorPil
 from transformers.image_utils import load_image
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import is_vision_available
 
 if is_vision_available():
@@ -190,6 +190,16 @@ class FlorenceVLProcessor(ProcessorMixin):
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens per image for serving frameworks (vLLM, TGI), given `(height, width)` per image.
+
+        Every image is resized to one square, so each costs `num_image_tokens` whatever its size.
+        """
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(num_image_tokens=[self.num_image_tokens] * len(image_sizes),
+                              num_image_patches=[1] * len(image_sizes))
 
     @property
     def model_input_names(self) -> list[str]:

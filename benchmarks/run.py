@@ -23,12 +23,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+import bench_compile  # noqa: E402
 import bench_end_to_end  # noqa: E402
 import bench_training  # noqa: E402
 import bench_vision  # noqa: E402
 import sizes  # noqa: E402
 
-SECTIONS = ("vision", "end_to_end", "training")
+SECTIONS = ("vision", "end_to_end", "training", "compile")
 TARGETS = {"vision_speedup_vs_naive": ">= 2.5", "ttft_ratio_cpu": "<= 1.25", "ttft_ratio_gpu": "<= 1.10",
            "decode_ratio": ">= 0.97", "stage2_vs_stage1_speed": ">= 1.4", "stage2_vs_stage1_peak_memory": "<= 0.70",
            "gradient_checkpointing_peak_memory": "<= 0.60"}
@@ -56,6 +57,13 @@ class Suite:
     train_modes: tuple[str, ...] = bench_training.MODES
     train_isolated: bool = True  # one subprocess per configuration, so each peak memory is its own
     train_interleaved_rounds: int = 0  # > 0: speed ratios from all configurations stepped in turn in one process
+    compile_florence2: str = "toy"  # decode tokens/s, torch.compile(fullgraph) + static cache vs eager
+    compile_llm: str = "toy"
+    compile_image_size: int = 64
+    compile_new_tokens: int = 8
+    compile_repeats: int = 1
+    compile_mode: str = "default"  # "reduce-overhead" (CUDA graphs) on GPU
+    compile_backend: str = "inductor"
     notes: list[str] = field(default_factory=list)
 
 
@@ -64,13 +72,17 @@ SUITES = {
                    e2e_florence2_sizes=("toy",), e2e_clip="toy", e2e_llm="toy", e2e_image_size=64,
                    e2e_new_tokens=4, e2e_repeats=1, train_florence2="toy", train_llm="toy", train_image_size=64,
                    train_batch_size=2, train_text_tokens=8, train_steps=1, train_isolated=False,
-                   train_interleaved_rounds=1,
+                   train_interleaved_rounds=1, compile_repeats=1, compile_backend="aot_eager",
                    notes=["Toy sizes: checks that the benchmark runs; the numbers mean nothing.",
+                          "Compile section with the aot_eager backend: full-graph tracing without inductor's "
+                          "minute of code generation.",
                           "All training configurations share one subprocess: peak memory is cumulative."]),
     "cpu": Suite(device="cpu", dtype="float32", vision_sizes=("base",), vision_image_size=768, vision_repeats=2,
                  e2e_florence2_sizes=("base", "large"), e2e_clip="vit-l-336", e2e_llm="cpu", e2e_image_size=768,
                  e2e_new_tokens=64, e2e_repeats=2, train_florence2="small", train_llm="cpu", train_image_size=384,
                  train_batch_size=2, train_text_tokens=64, train_steps=2, train_interleaved_rounds=5,
+                 compile_florence2="small", compile_llm="cpu", compile_image_size=384, compile_new_tokens=64,
+                 compile_repeats=3,
                  notes=["Repeats are few (2 + 1 warm-up round) to keep the suite near 8 minutes on 2 shared cores.","Vision vs naive at Florence-2-base only: one large round (3 stock calls + 2 of ours) "
                         "takes ~80 s on 2 cores; the large vision cost shows in the end-to-end TTFT rows.",
                         "Reduced LLM (sizes.LLM['cpu']): Llama, hidden 512, 4 layers, 8 heads, vocab 32064."]),
@@ -78,7 +90,8 @@ SUITES = {
                  vision_repeats=10, e2e_florence2_sizes=("large",), e2e_clip="vit-l-336", e2e_llm="phi3.5-mini",
                  e2e_image_size=768, e2e_new_tokens=128, e2e_repeats=5, train_florence2="large",
                  train_llm="phi3.5-mini", train_image_size=768, train_batch_size=1, train_text_tokens=512,
-                 train_steps=5,
+                 train_steps=5, compile_florence2="large", compile_llm="phi3.5-mini", compile_image_size=768,
+                 compile_new_tokens=128, compile_repeats=5, compile_mode="reduce-overhead",
                  notes=["Phi-3.5-mini shapes in a Llama layout (same FLOPs and bytes as the fused Phi-3 layers).",
                         "MFU = counted FLOPs of one step (torch FlopCounterMode) / step time / dense bf16 peak."]),
 }
@@ -138,6 +151,11 @@ def run_suite(name: str, sections: tuple[str, ...], out: Path | None = None) -> 
             for result in results:
                 result["step_interleaved"] = timings[bench_training.spec_key(result["spec"])]
         report["training"] = {"results": results, "ratios": bench_training.add_ratios(results)}
+        write_json(report, out)
+    if "compile" in sections:
+        report["compile"] = bench_compile.run(suite.compile_florence2, suite.compile_llm, suite.compile_image_size,
+                                              device, dtype, suite.compile_repeats, suite.compile_new_tokens,
+                                              suite.compile_mode, suite.compile_backend)
         write_json(report, out)
     return report
 
@@ -201,6 +219,19 @@ def format_table(report: dict) -> str:
         for key, ratio in report["training"]["ratios"].items():
             lines.append(f"| {key} | {times(ratio['speed'])} | {times(ratio['peak_memory'])} "
                          f"| {times(ratio['training_memory'])} |")
+    if "compile" in report:
+        row = report["compile"]
+        ttft, dec = row["ttft"], row["decode_tokens_per_s"]
+        lines += ["", f"torch.compile(model.forward, fullgraph=True, mode={row['compile_mode']!r}, "
+                  f"backend={row['compile_backend']!r}) + static cache vs "
+                  f"eager, Florence-2 `{row['florence2_size']}` + LLM `{row['llm']}`, {row['new_tokens']} new tokens "
+                  f"(first compiled call {row['first_compiled_call_s']:.1f} s; same greedy output: "
+                  f"{row['same_greedy_output']})", "",
+                  "| forward | TTFT s | decode tokens/s |", "|---|---|---|"]
+        for name in ("eager", "compiled"):
+            lines.append(f"| {name} | {spread(ttft[name])} | {dec[name]['median']:.1f} "
+                         f"[{dec[name]['min']:.1f}-{dec[name]['max']:.1f}] |")
+        lines.append(f"| compiled / eager | | {row['decode_speedup']:.2f}x ({row['paired']['decode_speedup']:.2f}x) |")
     return "\n".join(lines)
 
 

@@ -78,3 +78,23 @@ def test_unknown_section_is_rejected():
     completed = subprocess.run([sys.executable, str(RUN_PY), "--suite", "smoke", "--sections", "vision,speed"],
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode != 0 and "unknown names ['speed']" in completed.stderr
+
+
+def test_compile_section_compares_compiled_and_eager_decode(smoke_report):
+    report, stdout = smoke_report
+    row = report["compile"]
+    assert row["same_greedy_output"] is True
+    assert set(row["decode_tokens_per_s"]) == {"eager", "compiled"} and is_positive_number(row["decode_speedup"])
+    assert "| compiled / eager |" in stdout
+
+
+def test_gpu_check_runs_its_steps_end_to_end_on_cpu(tmp_path):
+    """`gpu_check.py --tiny`: the GPU script's logic (dispatch check, generate, training step, agreement) on CPU."""
+    out = tmp_path / "gpu_check.json"
+    completed = subprocess.run([sys.executable, str(RUN_PY.parent / "gpu_check.py"), "--tiny", "--out", str(out)],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["failures"] == [] and [r["implementation"] for r in report["results"]][0] == "sdpa"
+    assert len(report["results"]) == 2 and "logit_cosine" in report["results"][1]["vs_sdpa"]
+    assert all(is_positive_number(r["decode_tokens_per_s"]) and math.isfinite(r["loss"]) for r in report["results"])

@@ -1,6 +1,7 @@
 """FlorenceVLForConditionalGeneration: what users rely on (tiny random models, CPU, a few seconds in all)."""
 
 import copy
+import logging
 import json
 import os
 import subprocess
@@ -92,6 +93,16 @@ def test_save_load_in_process_is_bit_exact(model, processor, inputs, tmp_path):
     assert IMAGE_TOKEN_ID in loaded.generation_config.suppress_tokens
 
 
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in [*module.parameters(), *module.buffers()])
+
+
+def devices_of(device_map: dict[str, str | int], prefix: str) -> set:
+    """Devices holding any part of the module `prefix` (an entry for the module, a parent or a child)."""
+    return {device for name, device in device_map.items()
+            if name == "" or name == prefix or prefix.startswith(name + ".") or name.startswith(prefix + ".")}
+
+
 def test_device_map_auto_loads_and_offloads_without_splitting_blocks(model, inputs, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     with torch.no_grad():
@@ -99,9 +110,9 @@ def test_device_map_auto_loads_and_offloads_without_splitting_blocks(model, inpu
     placed = FlorenceVLForConditionalGeneration.from_pretrained(tmp_path / "saved", device_map="auto").eval()
     # a CPU budget below the model's size (the vision tower is ~60 % of this tiny one) puts the rest of the LLM on
     # disk, split only between `_no_split_modules`
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
     offloaded = FlorenceVLForConditionalGeneration.from_pretrained(
-        tmp_path / "saved", device_map="auto", max_memory={"cpu": int(size * 0.9)}, offload_folder=tmp_path / "off"
+        tmp_path / "saved", device_map="auto", max_memory={"cpu": int(module_bytes(model) * 0.9)},
+        offload_folder=tmp_path / "off",
     ).eval()
     assert offloaded.hf_device_map["model.vision_tower"] == "cpu" and "disk" in offloaded.hf_device_map.values()
     assert not any(name.startswith("model.vision_tower.") for name in offloaded.hf_device_map), \
@@ -111,10 +122,26 @@ def test_device_map_auto_loads_and_offloads_without_splitting_blocks(model, inpu
         torch.testing.assert_close(offloaded(**inputs).logits, reference)
 
 
+def test_device_map_never_splits_the_vision_tower_even_when_it_does_not_fit(model, inputs, tmp_path):
+    """A CPU budget of 90 % of the vision tower: split freely, DaViT's first blocks would land on the CPU and the
+    rest of the tower on disk. `_no_split_modules` sends the whole tower to the next device instead."""
+    model.save_pretrained(tmp_path / "saved")
+    tower = model.model.vision_tower
+    budget = int(module_bytes(tower) * 0.9)
+    assert budget > module_bytes(tower.davit.convs) + module_bytes(tower.davit.blocks[0]), "a split must be possible"
+    offloaded = FlorenceVLForConditionalGeneration.from_pretrained(
+        tmp_path / "saved", device_map="auto", max_memory={"cpu": budget}, offload_folder=tmp_path / "off").eval()
+    device_map = offloaded.hf_device_map
+    assert len(devices_of(device_map, "model.vision_tower")) == 1, f"the vision tower was split: {device_map}"
+    assert devices_of(device_map, "model.vision_tower") == {"disk"}
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(**inputs).logits, model(**inputs).logits)
+
+
 FRESH_PROCESS_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 
     folder, reference_file, report_file = sys.argv[1], sys.argv[2], sys.argv[3]
     reference = torch.load(reference_file, weights_only=True)
@@ -132,6 +159,16 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent("""
         print(auto_class.__name__, "max abs diff", diff, file=sys.stderr)
         report["loaded"][auto_class.__name__] = {
             "class": type(model).__name__, "module": type(model).__module__, "max_abs_diff": diff}
+    with torch.no_grad():
+        out = model(**reference["inputs"])
+    report["image_outputs_pooler_shape"] = list(out.image_outputs.pooler_output.shape)
+    report["vision_tower_is_pretrained_model"] = isinstance(model.model.vision_tower, PreTrainedModel)
+    mixed = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, attn_implementation={
+        "text_config": "eager", "vision_config": {"vision_config": "flash_attention_2", "text_config": "eager"}})
+    tower = mixed.model.vision_tower
+    report["attention"] = {"davit": tower.davit.config._attn_implementation,
+                           "bart": tower.prompt_encoder.config._attn_implementation,
+                           "llm": mixed.model.language_model.config._attn_implementation}
     report["florence_vl_imported"] = any(name.split(".")[0] == "florence_vl" for name in sys.modules)
     with open(report_file, "w") as handle:
         json.dump(report, handle)
@@ -163,6 +200,9 @@ def test_fresh_process_loads_with_trust_remote_code_bit_exact(model, processor, 
         assert loaded["class"] == "FlorenceVLForConditionalGeneration"  # AutoModel too (lmms-eval)
         assert loaded["module"].startswith("transformers_modules")
         assert loaded["max_abs_diff"] == 0.0
+    assert report["vision_tower_is_pretrained_model"]
+    assert report["image_outputs_pooler_shape"] == [2, model.config.num_image_tokens, 32]
+    assert report["attention"] == {"davit": "sdpa", "bart": "eager", "llm": "eager"}  # DaViT never on flash
 
 
 # --------------------------------------------------------------------------------------------------- generation
@@ -212,11 +252,15 @@ def test_batched_generation_equals_one_by_one(llm, processor):
         assert batched[index].tolist() == alone.tolist(), f"sample {index}"
 
 
-def image_token_favouring_model() -> FlorenceVLForConditionalGeneration:
-    model = build_model()
-    with torch.no_grad():
-        model.lm_head.weight[IMAGE_TOKEN_ID] = 10.0 * model.lm_head.weight.abs().max()
-    return model
+def image_token_favouring_model(inputs) -> FlorenceVLForConditionalGeneration:
+    """A random model whose `<image>` logit is the largest at the end of both prompts (the first seed that gives it)."""
+    for seed in range(20):
+        model = build_model(seed)
+        with torch.no_grad():
+            model.lm_head.weight[IMAGE_TOKEN_ID] = 10.0 * model.lm_head.weight.abs().max()
+            if (model(**inputs).logits[:, -1].argmax(-1) == IMAGE_TOKEN_ID).all():
+                return model
+    raise AssertionError("no seed in 0..19 makes <image> the favourite")
 
 
 def assert_never_generates_image_token(model: FlorenceVLForConditionalGeneration, inputs, **settings) -> None:
@@ -231,12 +275,12 @@ def assert_never_generates_image_token(model: FlorenceVLForConditionalGeneration
 @pytest.mark.parametrize("settings", [dict(do_sample=False), dict(do_sample=True, top_k=0),
                                       dict(do_sample=False, num_beams=2)], ids=["greedy", "sample", "beam"])
 def test_image_token_is_never_generated(settings, inputs):
-    assert_never_generates_image_token(image_token_favouring_model(), inputs, **settings)
+    assert_never_generates_image_token(image_token_favouring_model(inputs), inputs, **settings)
 
 
 def test_image_token_is_never_generated_whatever_the_generation_config(inputs, tmp_path):
     """Also for a checkpoint saved without generation_config.json, and when the caller suppresses other tokens."""
-    image_token_favouring_model().save_pretrained(tmp_path)
+    image_token_favouring_model(inputs).save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").unlink()
     model = FlorenceVLForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert_never_generates_image_token(model, inputs, do_sample=False)
@@ -461,3 +505,109 @@ def test_resize_token_embeddings_keeps_old_logits_and_trains_new_tokens(inputs):
     out = model(**inputs, labels=labels)
     assert out.logits.shape[-1] == VOCAB_SIZE + 8 and torch.isfinite(out.loss)
     torch.testing.assert_close(out.logits[..., :VOCAB_SIZE].detach(), before, rtol=0, atol=1e-6)
+
+
+def test_multimodal_outputs_are_returned(model, inputs):
+    """`image_outputs` as in transformers' native VLMs; `image_hidden_states` still answers (deprecated, as LLaVA)."""
+    with torch.no_grad():
+        out = model(**inputs)
+        detailed = model(**inputs, output_hidden_states=True)
+        text_only = model(input_ids=torch.tensor([[1, 20, 21]]))
+        features = model.get_image_features(inputs["pixel_values"])
+    image_outputs = out.image_outputs
+    assert image_outputs.last_hidden_state.shape == (2, 32, 2, 2)  # DaViT: last stage width 32, 2x2 grid
+    assert torch.equal(image_outputs.pooler_output, features.pooler_output)
+    assert image_outputs.pooler_output.shape == (2, model.config.num_image_tokens, 32)
+    assert len(image_outputs.source_features) == len(model.config.feature_sources)
+    assert image_outputs.hidden_states is None and len(detailed.image_outputs.hidden_states) > 1
+    assert text_only.image_outputs is None
+    assert "image_hidden_states" not in out.keys()
+    assert torch.equal(out.image_hidden_states, image_outputs.pooler_output)
+
+
+def attention_by_part(model: FlorenceVLForConditionalGeneration) -> dict[str, str]:
+    """The implementation each attention layer will run, read from the config it reads at forward time."""
+    parts = {"davit": "model.vision_tower.davit.", "bart": "model.vision_tower.prompt_encoder.",
+             "llm": "model.language_model."}
+    found = {}
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("Attention") and hasattr(module, "config"):
+            part = next(part for part, prefix in parts.items() if name.startswith(prefix))
+            found.setdefault(part, set()).add(module.config._attn_implementation)
+    assert set(found) == set(parts), found
+    assert all(len(choices) == 1 for choices in found.values()), found
+    return {part: choices.pop() for part, choices in found.items()}
+
+
+def test_sdpa_can_dispatch_composite_models(model, tmp_path):
+    """transformers' common test: each sub-model is a PreTrainedModel that takes the requested implementation."""
+    from transformers import PreTrainedModel
+
+    model.save_pretrained(tmp_path)
+    sdpa = FlorenceVLForConditionalGeneration.from_pretrained(tmp_path).model
+    eager = FlorenceVLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").model
+    for submodel in (sdpa.vision_tower, sdpa.language_model):
+        assert isinstance(submodel, PreTrainedModel) and submodel._supports_sdpa
+        assert submodel.config._attn_implementation == "sdpa"
+    assert sdpa.vision_tower.config is sdpa.config.vision_config
+    assert eager.vision_tower.config._attn_implementation == eager.language_model.config._attn_implementation == "eager"
+    sdpa_layers = [name for name, module in eager.named_modules() if type(module).__name__.endswith("Attention")
+                   and getattr(module, "config", None) and module.config._attn_implementation == "sdpa"]
+    assert not sdpa_layers, "the eager model must have no SDPA attention layers"
+
+
+FLASH = "flash_attention_2"
+ATTENTION_REQUESTS = {
+    "eager": ("eager", dict.fromkeys(("davit", "bart", "llm"), "eager")),
+    "sdpa": ("sdpa", dict.fromkeys(("davit", "bart", "llm"), "sdpa")),
+    "per_sub_config": ({"text_config": "eager", "vision_config": "sdpa"},
+                       {"davit": "sdpa", "bart": "sdpa", "llm": "eager"}),
+    "flash_for_davit_only": ({"text_config": "sdpa", "vision_config": {"vision_config": FLASH, "text_config": "eager"}},
+                             {"davit": "sdpa", "bart": "eager", "llm": "sdpa"}),
+    "flex": ("flex_attention", {"davit": "sdpa", "bart": "flex_attention", "llm": "flex_attention"}),
+    "flash": (FLASH, {"davit": "sdpa", "bart": FLASH, "llm": FLASH}),
+}
+
+
+@pytest.mark.parametrize("request_name", list(ATTENTION_REQUESTS))
+def test_attention_implementation_per_sub_model(request_name, model, tmp_path, caplog):
+    """What every attention layer runs; DaViT never gets FlashAttention or flex attention (head dim = tokens)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    requested, expected = ATTENTION_REQUESTS[request_name]
+    if request_name == "flash" and not (is_flash_attn_2_available() and torch.cuda.is_available()):
+        pytest.skip("flash-attn is not installed (or no CUDA): transformers refuses flash_attention_2 for the LLM "
+                    "before any module is built; the DaViT fallback is covered by 'flash_for_davit_only'.")
+    model.save_pretrained(tmp_path)
+    logging.Logger.info_once.cache_clear()
+    with caplog.at_level(logging.INFO):
+        loaded = FlorenceVLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=requested)
+    assert attention_by_part(loaded) == expected
+    davit_fell_back = "DaViT runs on sdpa" in caplog.text
+    assert davit_fell_back == (request_name in ("flash_for_davit_only", "flex", "flash")), caplog.text
+    assert not loaded.model.vision_tower.davit._supports_flash_attn
+    assert loaded.model.vision_tower._supports_flash_attn and loaded._supports_flash_attn  # BART and the LLM do
+
+
+def test_set_attn_implementation_keeps_davit_off_flash(model, inputs):
+    changed = copy.deepcopy(model)
+    changed.set_attn_implementation({"vision_config": {"vision_config": FLASH, "text_config": "eager"},
+                                     "text_config": "eager"})
+    assert attention_by_part(changed) == {"davit": "sdpa", "bart": "eager", "llm": "eager"}
+    assert attention_by_part(model) == dict.fromkeys(("davit", "bart", "llm"), "sdpa")  # the copy only
+    attended = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(changed(**inputs).logits[attended], model(**inputs).logits[attended],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_forward_with_static_cache_generates_like_eager(processor):
+    """`torch.compile(fullgraph=True)` traces prefill (with the placeholder check) and decode without graph breaks."""
+    model = build_model()
+    single = processor(text=PROMPTS[0], images=random_image(1), return_tensors="pt")
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static")
+    eager = model.generate(**single, **settings)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+    compiled = model.generate(**single, **settings)
+    assert compiled.tolist() == eager.tolist()

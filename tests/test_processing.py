@@ -67,6 +67,18 @@ def test_token_concat_config_gives_more_placeholders():
     assert (inputs["input_ids"] == IMAGE_TOKEN_ID).sum() == config.num_image_tokens == 4 * NUM_IMAGE_TOKENS
 
 
+@pytest.mark.parametrize("fusion_mode", ["channel_concat", "token_concat"])
+def test_serving_frameworks_get_the_token_count_the_processor_inserts(fusion_mode):
+    """`_get_num_multimodal_tokens` (read by vLLM and TGI) equals the placeholders of each image, whatever its size."""
+    processor = tiny_processor(tiny_config(fusion_mode=fusion_mode))
+    sizes = [(64, 64), (30, 70), (4000, 10)]  # (height, width)
+    counted = processor._get_num_multimodal_tokens(image_sizes=sizes)
+    inserted = [int((processor(text="<image>", images=Image.new("RGB", (w, h)), return_tensors="pt")["input_ids"]
+                     == IMAGE_TOKEN_ID).sum()) for h, w in sizes]
+    assert counted.num_image_tokens == inserted and counted.num_image_patches == [1, 1, 1]
+    assert "num_image_tokens" not in processor._get_num_multimodal_tokens()
+
+
 def test_pads_on_the_left_by_default(processor):
     inputs = processor(text=["<image>Hi", "<image>A longer prompt"], images=[gradient_image()] * 2, padding=True,
                        return_tensors="pt")

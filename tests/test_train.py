@@ -115,7 +115,7 @@ def test_finetune_freezes_vision_and_trains_projector_and_llm(workdir, tmp_path)
 def test_finetune_vision_builds_no_autograd_graph(workdir, tmp_path):
     trainer = run_in_process(args_for(workdir, tmp_path / "out", "finetune", "--max_steps", "1"))
     model = trainer.model
-    features, _ = model.model.vision_tower(torch.randn(2, 3, 64, 64))
+    features = model.model.vision_tower(torch.randn(2, 3, 64, 64)).source_features
     assert all(feature.grad_fn is None and not feature.requires_grad for feature in features)
 
 
@@ -300,3 +300,58 @@ def test_training_completes_over_every_kind_of_data_fault(workdir, tmp_path, cap
     assert modes == ["CMYK", "CMYK", "L", "L", "L", "RGB", "RGB", "RGB"]  # kept as they are; the processor converts
     no_marker = next(e for e in trainer.train_dataset if e["messages"][1]["content"][0]["text"] == "gray")
     assert no_marker["messages"][0]["content"][0]["type"] == "image"
+
+
+# ---------------------------------------------------------------------------------- loading: dtype and attention
+
+
+@pytest.fixture(scope="module")
+def bf16_parts(tmp_path_factory):
+    """A native Florence-2 folder and a bfloat16 Llama folder, as `--florence2 --llm` take them."""
+    from test_convert import florence2_tokenizer, llm_tokenizer_without_image_token
+    from tiny import TEXT_CONFIGS, tiny_florence2_config
+    from transformers import AutoConfig, AutoModelForCausalLM, Florence2ForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    Florence2ForConditionalGeneration(tiny_florence2_config()).save_pretrained(root / "florence2")
+    florence2_tokenizer().save_pretrained(root / "florence2")
+    tokenizer = llm_tokenizer_without_image_token()
+    text_config = AutoConfig.for_model(**dict(TEXT_CONFIGS["llama"], vocab_size=len(tokenizer)))
+    AutoModelForCausalLM.from_config(text_config).to(torch.bfloat16).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    return root
+
+
+def attention_of(model) -> dict[str, str]:
+    tower = model.model.vision_tower
+    return {"davit": tower.davit.config._attn_implementation, "bart": tower.prompt_encoder.config._attn_implementation,
+            "llm": model.model.language_model.config._attn_implementation}
+
+
+@pytest.mark.parametrize("dtype, attention, expected", [
+    ("float32", "eager", {"davit": "eager", "bart": "eager", "llm": "eager"}),
+    ("bfloat16", "sdpa", {"davit": "sdpa", "bart": "sdpa", "llm": "sdpa"}),
+    ("float32", '{"text_config": "eager", "vision_config": "sdpa"}', {"davit": "sdpa", "bart": "sdpa", "llm": "eager"}),
+], ids=["float32-eager", "bfloat16-sdpa", "per-sub-config"])
+def test_every_model_source_honours_dtype_and_attention(bf16_parts, workdir, tmp_path, dtype, attention, expected):
+    """Stage 1 from parts (a bf16 LLM), a saved Florence-VL folder, and a config: the dtype and attention asked for.
+
+    Before: `--florence2 --llm` dropped both, so float32 + eager gave bf16 parameters (AdamW on bf16 weights) and SDPA.
+    """
+    attention_arg = json.loads(attention) if attention.startswith("{") else attention
+    common = ["--dtype", dtype, "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu", "true"]
+    sources = {
+        "parts": ["--florence2", str(bf16_parts / "florence2"), "--llm", str(bf16_parts / "llm")],
+        "config": ["--model_config", str(workdir / "model.json"), "--tokenizer", str(workdir / "tokenizer")],
+        "folder": ["--model_name_or_path", str(tmp_path / "folder")],  # what "parts" saves
+    }
+    for name, source in sources.items():
+        _, training_args, model_args, args = sft.make_parser().parse_args_and_config(args=[*source, *common])
+        model_args.attn_implementation = attention_arg  # a dict comes from YAML; the CLI takes strings
+        model, processor = sft.build_model_and_processor(args, model_args, training_args)
+        assert {parameter.dtype for parameter in model.parameters()} == {getattr(torch, dtype)}, name
+        assert attention_of(model) == expected, name
+        if name == "parts":
+            model.save_pretrained(tmp_path / "folder")
+            processor.save_pretrained(tmp_path / "folder")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback, set_seed
+from transformers import TrainerCallback, set_seed
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from florence_vl import FlorenceVLConfig, FlorenceVLForConditionalGeneration, FlorenceVLProcessor
@@ -58,16 +58,33 @@ class FlorenceVLArguments:
     image_sensitivity_steps: int = field(default=0, metadata={"help": "Log image sensitivity every N steps (0: off)."})
 
 
-def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig):
-    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else None
-    if model_args.model_name_or_path:
-        kwargs = dict(trust_remote_code=True, attn_implementation=model_args.attn_implementation, dtype=dtype)
-        model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, **kwargs)
-        return model, AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+def model_init_kwargs(model_args: ModelConfig, training_args: SFTConfig | None = None) -> dict:
+    """How every model source is loaded, as TRL loads a model named by path: `--model_init_kwargs` (JSON) and
+    `--trust_remote_code`, with `--dtype` (a torch dtype, or `auto` for the checkpoints' own), `--model_revision` and
+    `--attn_implementation` (a string, or a dict per sub-config) on top."""
+    kwargs = dict(getattr(training_args, "model_init_kwargs", None) or {})
+    kwargs.setdefault("trust_remote_code", getattr(training_args, "trust_remote_code", False))
+    kwargs["revision"] = model_args.model_revision
+    dtype = model_args.dtype if model_args.dtype is not None else kwargs.get("dtype", "auto")
+    kwargs["dtype"] = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return kwargs
+
+
+def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig,
+                              training_args: SFTConfig | None = None):
+    load = model_init_kwargs(model_args, training_args)
+    if model_args.model_name_or_path:  # this package's classes: no remote code needed for a Florence-VL folder
+        model = FlorenceVLForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **load)
+        processor = FlorenceVLProcessor.from_pretrained(model_args.model_name_or_path, revision=load["revision"])
+        return model, processor
     if args.florence2 and args.llm:
         from florence_vl.convert import from_pretrained_parts
 
-        return from_pretrained_parts(florence2=args.florence2, llm=args.llm, chat_template=args.chat_template)
+        dtype = load.pop("dtype")
+        return from_pretrained_parts(florence2=args.florence2, llm=args.llm, chat_template=args.chat_template,
+                                     dtype=None if dtype == "auto" else dtype, model_init_kwargs=load)
     if not (args.model_config and args.tokenizer):
         raise ValueError("Give a model: --model_name_or_path, --florence2 with --llm, or --model_config with "
                          "--tokenizer.")
@@ -88,8 +105,10 @@ def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig
     )
     config = FlorenceVLConfig(**options)
     model = FlorenceVLForConditionalGeneration(config)
-    if model_args.attn_implementation:
-        model.set_attn_implementation(model_args.attn_implementation)
+    if "attn_implementation" in load:
+        model.set_attn_implementation(load["attn_implementation"])
+    if load["dtype"] != "auto":
+        model.to(load["dtype"])
     end_ids = [tokenizer.convert_tokens_to_ids(token) for token in ("<|end|>", "<|eot_id|>")
                if token in tokenizer.get_vocab()]
     model.generation_config.eos_token_id = list(dict.fromkeys(end_ids + [tokenizer.eos_token_id]))  # no repeats
@@ -206,7 +225,8 @@ def configure_stage(model, args: FlorenceVLArguments) -> None:
 def build_trainer(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig,
                   args: FlorenceVLArguments) -> SFTTrainer:
     set_seed(training_args.seed)
-    model, processor = build_model_and_processor(args, model_args)
+    model, processor = build_model_and_processor(args, model_args, training_args)
+    training_args.model_init_kwargs = None  # applied above; SFTTrainer would only warn that it ignores them
     configure_stage(model, args)
     train_dataset = load_train_dataset(args, script_args)
 

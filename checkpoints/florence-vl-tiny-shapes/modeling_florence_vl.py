@@ -5,15 +5,19 @@ image ─► DaViT ─► Florence-2 projection ─► V ─┬─────�
 [V, V_p...] ─► DBFusion (channel concat) ─► MLP ─► replaces the `<image>` placeholders of the LLM input.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, Florence2Config, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
 from transformers.models.bart.modeling_bart import BartEncoder
 from transformers.models.florence2.modeling_florence2 import (
     Florence2MultiModalProjector,
@@ -22,65 +26,139 @@ from transformers.models.florence2.modeling_florence2 import (
 )
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging, torch_compilable_check
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import is_flash_attention_requested
 
 from .configuration_florence_vl import FlorenceVLConfig
 
 
+logger = logging.get_logger(__name__)
+
+_IMAGE_HIDDEN_STATES_DEPRECATION = (
+    "`image_hidden_states` is deprecated, as in transformers' native VLMs; use `out.image_outputs.pooler_output` "
+    "(the projected image features)."
+)
+
+
 @dataclass
-class FlorenceVLModelOutputWithPast(BaseModelOutputWithPast):
+class FlorenceVLModelOutputWithPast(MultimodalBaseModelOutputWithPast):
     r"""
-    image_hidden_states (`torch.FloatTensor` of shape `(num_images, num_image_tokens, hidden_size)`, *optional*):
-        Projected image features that replaced the `<image>` placeholders.
+    The LLM's outputs plus `image_outputs`: the vision encoder's output (`FlorenceVLVisionModelOutput`: DaViT's
+    `last_hidden_state`, `hidden_states` and `attentions` when requested, the fused `source_features`, and
+    `pooler_output` = the projected features that replaced the `<image>` placeholders), `None` without images.
     """
 
-    image_hidden_states: torch.FloatTensor | None = None
+    @property
+    def image_hidden_states(self) -> torch.FloatTensor | None:
+        logger.warning_once(_IMAGE_HIDDEN_STATES_DEPRECATION)
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
 
 
 @dataclass
-class FlorenceVLCausalLMOutputWithPast(ModelOutput):
+class FlorenceVLCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token loss, image and padding labels ignored.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LM head scores.
     cache (`Cache`, *optional*): the LLM's key/value cache.
     hidden_states, attentions (`tuple[torch.FloatTensor]`, *optional*): the LLM's, when requested.
-    image_hidden_states (`torch.FloatTensor` of shape `(num_images, num_image_tokens, hidden_size)`, *optional*):
-        Projected image features that replaced the `<image>` placeholders.
+    image_outputs (`FlorenceVLVisionModelOutput`, *optional*): the vision encoder's output; its `pooler_output`
+        (`(num_images, num_image_tokens, hidden_size)`) holds the features that replaced the `<image>` placeholders.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
+    @property
+    def image_hidden_states(self) -> torch.FloatTensor | None:
+        logger.warning_once(_IMAGE_HIDDEN_STATES_DEPRECATION)
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
 
 
-class FlorenceVLVisionTower(nn.Module):
+@dataclass
+class FlorenceVLVisionModelOutput(BaseModelOutputWithPooling):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(num_images, num_grid_tokens, davit_dim)`): DaViT's output.
+    pooler_output (`torch.FloatTensor`, *optional*): set by `get_image_features` to the projected features of
+        shape `(num_images, num_image_tokens, text_hidden_size)`; `None` from the vision model alone.
+    hidden_states, attentions (`tuple[torch.FloatTensor]`, *optional*): DaViT's, when requested.
+    source_features (`tuple[torch.FloatTensor]`): the fused features, each `(num_images, num_tokens,
+        projection_dim)`: V (the Florence-2 projection of DaViT, "depth") and/or V_p (the BART encoder over
+        [V ; prompt p], "breadth"), in `FlorenceVLConfig.feature_sources` order.
+    """
+
+    source_features: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _davit_attention(requested: str | None) -> str | None:
+    """DaViT's channel attention attends over channels with a "head dim" equal to the number of spatial tokens
+    (36,864 in the first stage at 768 px): beyond FlashAttention's and flex attention's limits. Keep it on SDPA."""
+    if requested is not None and (is_flash_attention_requested(requested_attention_implementation=requested)
+                                  or "flex_attention" in requested):
+        logger.info_once(f"Florence-VL: DaViT runs on sdpa, not {requested} (its channel attention has a head dim "
+                         "of one per spatial token); the BART prompt encoder and the LLM use what was asked.")
+        return "sdpa"
+    return requested
+
+
+class FlorenceVLDaViT(Florence2VisionBackbone):
+    """Florence-2's DaViT backbone, which resolves any FlashAttention or flex attention request to SDPA."""
+
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, allow_all_kernels=False):
+        return super()._check_and_adjust_attn_implementation(_davit_attention(attn_implementation), is_init_check,
+                                                             allow_all_kernels)
+
+    def get_correct_attn_implementation(self, requested_attention, is_init_check=False):
+        return super().get_correct_attn_implementation(_davit_attention(requested_attention), is_init_check)
+
+
+class FlorenceVLVisionModel(PreTrainedModel):
     """Florence-2 without its decoder: DaViT, the image projection, and the BART encoder run once per prompt.
 
-    `forward` returns the feature sources in config order, each of shape `(batch, num_tokens, projection_dim)`.
+    Its config is the Florence-2 config (`FlorenceVLConfig.vision_config`), so `attn_implementation` dispatch
+    reaches it as `vision_config` (DaViT as `vision_config.vision_config`, BART as `vision_config.text_config`).
+    The Florence-VL settings it needs come in the constructor: `prompt_ids` (one row per prompt to encode, in
+    fusion order), `include_image` (V is a fused source) and `batch_prompts` (one BART call for all prompts).
     """
 
-    def __init__(self, config: FlorenceVLConfig):
-        super().__init__()
-        self.config = config
-        self.davit = Florence2VisionBackbone(config.vision_config.vision_config)
-        self.davit_projector = Florence2MultiModalProjector(config.vision_config)
-        self.prompt_encoder = BartEncoder(config.vision_config.text_config)
-        names = config.vision_prompt_names
-        self.prompt_rows = [names.index(name) for name in config.feature_sources if name != "image"]
+    config: Florence2Config
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FlorenceVLVisionModel"]  # device_map="auto" keeps it on one device (parents collect this)
+    _supports_sdpa = True
+    _supports_flash_attn = True  # the BART prompt encoder; DaViT stays on SDPA (FlorenceVLDaViT)
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+
+    def __init__(self, config: Florence2Config, prompt_ids=(), include_image: bool = True,
+                 batch_prompts: bool = True):
+        super().__init__(config)
+        self.davit = FlorenceVLDaViT(config.vision_config)
+        self.davit_projector = Florence2MultiModalProjector(config)
+        self.prompt_encoder = BartEncoder(config.text_config)
+        self.prompt_ids = tuple(tuple(int(token) for token in row) for row in prompt_ids)
+        self.include_image = include_image
+        self.batch_prompts = batch_prompts
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Florence2VisionPositionalEmbeddingCosine1D):
+            sine, cosine = module.get_sinusoid_embeddings(max_positions=module.max_seq_len, embed_dim=module.embed_dim)
+            table = torch.empty(module.max_seq_len, module.embed_dim)
+            table[:, 0::2], table[:, 1::2] = sine, cosine
+            init.copy_(module.pos_idx_to_embed, table)
 
     def encode_prompts(self, image_embeds: torch.Tensor) -> list[torch.Tensor]:
         """Breadth features V_p: BART encoder over [V ; prompt_p tokens], image positions kept."""
-        if not self.prompt_rows:
+        if not self.prompt_ids:
             return []
-        prompt_ids = torch.tensor(self.config.vision_prompt_ids, device=image_embeds.device)[self.prompt_rows]
+        prompt_ids = torch.tensor(self.prompt_ids, dtype=torch.long, device=image_embeds.device)
         prompt_embeds = self.prompt_encoder.embed_tokens(prompt_ids).to(image_embeds.dtype)
         batch, num_tokens, dim = image_embeds.shape
-        num_prompts = len(self.prompt_rows)
-        if self.config.batch_vision_prompts:
+        num_prompts = len(self.prompt_ids)
+        if self.batch_prompts:
             images = image_embeds.unsqueeze(0).expand(num_prompts, -1, -1, -1)
             prompts = prompt_embeds.unsqueeze(1).expand(-1, batch, -1, -1)
             inputs = torch.cat([images, prompts], dim=2).flatten(0, 1)
@@ -92,13 +170,18 @@ class FlorenceVLVisionTower(nn.Module):
             features.append(self.prompt_encoder(inputs_embeds=inputs).last_hidden_state[:, :num_tokens])
         return features
 
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> tuple[list[torch.Tensor], BaseModelOutputWithPooling]:
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> FlorenceVLVisionModelOutput:
+        """DaViT once (its `hidden_states`/`attentions` on request), the projection, then BART once per prompt."""
         davit_outputs = self.davit(pixel_values, **kwargs)
         image_embeds = self.davit_projector(davit_outputs.last_hidden_state)
-        features = ([image_embeds] if "image" in self.config.feature_sources else []) + self.encode_prompts(
-            image_embeds
+        features = ([image_embeds] if self.include_image else []) + self.encode_prompts(image_embeds)
+        return FlorenceVLVisionModelOutput(
+            last_hidden_state=davit_outputs.last_hidden_state,
+            hidden_states=davit_outputs.hidden_states,
+            attentions=davit_outputs.attentions,
+            source_features=tuple(features),
         )
-        return features, davit_outputs
 
 
 class FlorenceVLMultiModalProjector(nn.Module):
@@ -134,20 +217,14 @@ class FlorenceVLPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["FlorenceVLVisionTower"]
-    _supports_flash_attn = True
+    _supports_flash_attn = True  # the LLM and the BART prompt encoder; DaViT stays on SDPA (FlorenceVLDaViT)
     _supports_sdpa = True
     _supports_flex_attn = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True
     _supports_attention_backend = True
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, Florence2VisionPositionalEmbeddingCosine1D):
-            sine, cosine = module.get_sinusoid_embeddings(max_positions=module.max_seq_len, embed_dim=module.embed_dim)
-            table = torch.empty(module.max_seq_len, module.embed_dim)
-            table[:, 0::2], table[:, 1::2] = sine, cosine
-            init.copy_(module.pos_idx_to_embed, table)
         # A new projector keeps the features' scale at any width; N(0, 0.02) shrank them ~0.2x per layer at width
         # 128, and a model trained from scratch then ignored the image (README: "What made it learn").
         if isinstance(module, nn.Linear) and getattr(module, "fan_in_init", False):
@@ -158,7 +235,14 @@ class FlorenceVLPreTrainedModel(PreTrainedModel):
 class FlorenceVLModel(FlorenceVLPreTrainedModel):
     def __init__(self, config: FlorenceVLConfig):
         super().__init__(config)
-        self.vision_tower = FlorenceVLVisionTower(config)
+        names = config.vision_prompt_names
+        self.vision_tower = FlorenceVLVisionModel(
+            config.vision_config,
+            prompt_ids=[config.vision_prompt_ids[names.index(name)] for name in config.feature_sources
+                        if name != "image"],
+            include_image="image" in config.feature_sources,
+            batch_prompts=config.batch_vision_prompts,
+        )
         self.multi_modal_projector = FlorenceVLMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
@@ -172,11 +256,12 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
     @can_return_tuple
     def get_image_features(
         self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
-    ) -> tuple | BaseModelOutputWithPooling:
+    ) -> tuple | FlorenceVLVisionModelOutput:
         """DaViT once, the BART encoder over each prompt, DBFusion and the projector.
 
-        Returns the DaViT output (its `hidden_states`/`attentions` when requested) with `pooler_output` set to
-        the projected features of shape `(num_images, num_image_tokens, text_hidden_size)`.
+        Returns the vision model's output (DaViT's `hidden_states`/`attentions` when requested, `source_features`)
+        with `pooler_output` set to the projected features of shape `(num_images, num_image_tokens,
+        text_hidden_size)`.
         """
         side = self.config.image_size
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or \
@@ -190,9 +275,9 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             raise TypeError(
                 f"pixel_values must be floating point (normalized by FlorenceVLProcessor), got {pixel_values.dtype}."
             )
-        features, outputs = self.vision_tower(pixel_values, **kwargs)
-        outputs.pooler_output = self.multi_modal_projector(features)
-        return outputs
+        outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        # a new output rather than setting the field, so that tuples keep the field order (pooler_output second)
+        return replace(outputs, pooler_output=self.multi_modal_projector(list(outputs.source_features)))
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor,
                              image_features: torch.Tensor) -> torch.Tensor:
@@ -204,14 +289,14 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             mask = (inputs_embeds == image_embed).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
-        n_tokens, n_features = int(mask.sum()), image_features.shape[0] * image_features.shape[1]
-        if n_tokens != n_features:
-            raise ValueError(
-                f"Image features and image tokens do not match: {n_tokens} `<image>` placeholder tokens in the "
-                f"input but {n_features} image features ({image_features.shape[0]} images x "
-                f"{image_features.shape[1]} tokens). Build inputs with FlorenceVLProcessor, which expands each "
-                "`<image>` into the right number of placeholders, and do not truncate inside them."
-            )
+        n_tokens, n_features = mask.sum(), image_features.shape[0] * image_features.shape[1]
+        torch_compilable_check(  # no data-dependent Python branch: torch.compile(fullgraph=True) traces through it
+            n_tokens == n_features,
+            lambda: f"Image features and image tokens do not match: {int(n_tokens)} `<image>` placeholder tokens in "
+            f"the input but {n_features} image features ({image_features.shape[0]} images x "
+            f"{image_features.shape[1]} tokens). Build inputs with FlorenceVLProcessor, which expands each "
+            "`<image>` into the right number of placeholders, and do not truncate inside them.",
+        )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
     @can_return_tuple
@@ -236,8 +321,9 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values, return_dict=True)
-        image_features = None
+            # DaViT's hidden states / attentions on request, as native VLMs return their vision tower's
+            vision_kwargs = {key: kwargs[key] for key in ("output_hidden_states", "output_attentions") if key in kwargs}
+            image_outputs = self.get_image_features(pixel_values, return_dict=True, **vision_kwargs)
         if image_outputs is not None:
             image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
@@ -255,7 +341,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=image_features,
+            image_outputs=image_outputs,
         )
 
 
@@ -347,10 +433,15 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
+            image_outputs=outputs.image_outputs,
         )
 
 
 FlorenceVLForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
-__all__ = ["FlorenceVLPreTrainedModel", "FlorenceVLModel", "FlorenceVLForConditionalGeneration"]
+__all__ = [
+    "FlorenceVLPreTrainedModel",
+    "FlorenceVLVisionModel",
+    "FlorenceVLModel",
+    "FlorenceVLForConditionalGeneration",
+]
