@@ -206,14 +206,15 @@ def build_app(chat: Chat, concurrency_limit: int = 1, max_new_tokens: int = 48) 
                     if (EXAMPLES_DIR / "examples.json").exists() else []
                 if examples:
                     gr.Examples([[{"text": example["question"], "files": [str(EXAMPLES_DIR / example["image"])]}]
-                                 for example in examples], inputs=[textbox], label="Examples (click, then send)")
+                                 for example in examples], inputs=[textbox], label="Examples (click, then send)",
+                                elem_id="examples")
 
         def handler(message, history, state, tokens, temp):
             yield from respond(chat, message, history, state, tokens, temp)
 
         textbox.submit(handler, [textbox, chatbot, conversation, max_new_tokens, temperature],
                        [chatbot, conversation, textbox, status], concurrency_limit=concurrency_limit,
-                       api_name="chat")
+                       concurrency_id="model", api_name="chat")
         new_chat.click(lambda: ([], None, ""), None, [chatbot, conversation, status], queue=False, api_name=False)
     return app
 
@@ -236,7 +237,7 @@ def add_api(app: gr.Blocks, chat: Chat, concurrency_limit: int) -> None:
         return answer.strip()
 
     with app:
-        gr.api(ask, api_name="ask", concurrency_limit=concurrency_limit)
+        gr.api(ask, api_name="ask", concurrency_limit=concurrency_limit, concurrency_id="model")
 
 
 def launch(model: str | None = None, host: str | None = None, port: int | None = None, device: str = "cpu",
@@ -254,7 +255,7 @@ def launch(model: str | None = None, host: str | None = None, port: int | None =
     print(f"Florence-VL demo: {chat.name} ({chat.size} parameters) on {device}, {limit} answer(s) at a time",
           flush=True)
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, show_error=True,
-               allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft())
+               allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css="#status { color: #b91c1c; }")
 
 
 def export_space(directory: str | Path, model: str | None = None) -> Path:

@@ -144,7 +144,7 @@ class Page:
 
 
 def test_browser_conversation(server, browser, tmp_path):
-    """Upload, ask, follow up, a bad file and an empty question get messages, then a new image works."""
+    """Upload, ask, follow up; a bad file and an empty question get messages; an example starts a new conversation."""
     started = time.monotonic()
     page = Page(browser, server, tmp_path)
     text = page.driver.find_element(By.ID, "model-info").text
@@ -177,9 +177,14 @@ def test_browser_conversation(server, browser, tmp_path):
     page.wait(lambda d: "question is empty" in page.status(), "the empty-question message")
     page.screenshot("empty_question")
 
-    page.attach(EXAMPLES / "shapes_0.png")  # a new image starts a new conversation
-    page.ask("What color is the circle?")
-    page.wait(lambda d: page.answers() == ["blue"] and page.status() == "", "the new conversation's answer")
+    example = EXAMPLE_LIST[0]  # clicking an example fills in its image and question; a new image starts over
+    buttons = browser.find_elements(By.CSS_SELECTOR, "#examples button.gallery-item")
+    assert len(buttons) == len(EXAMPLE_LIST)
+    next(button for button in buttons if example["question"] in button.text).click()
+    page.wait(lambda d: page.box().find_elements(By.CSS_SELECTOR, ".thumbnail-item"), "the example's image")
+    assert page.box().find_element(By.TAG_NAME, "textarea").get_attribute("value") == example["question"]
+    page.box().find_element(By.CSS_SELECTOR, "button.submit-button").click()
+    page.wait(lambda d: page.answers() == [example["answer"]] and page.status() == "", "the new conversation's answer")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#chatbot img")) == 1
     page.screenshot("new_image")
     assert time.monotonic() - started < 120
