@@ -4,6 +4,7 @@ Needs the `demo` extra (gradio, selenium) and Debian's chromium + chromium-drive
 Set FLORENCE_VL_UPDATE_SCREENSHOT=1 to also refresh the README's screenshot docs/demo.png.
 """
 
+import base64
 import json
 import os
 import shutil
@@ -123,6 +124,18 @@ class Page:
         self.box().find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(path))
         self.wait(lambda d: self.box().find_elements(By.CSS_SELECTOR, ".thumbnail-item"), f"{path.name} attached")
 
+    def paste(self, path: Path) -> None:
+        """Paste an image file into the question box, as Ctrl+V with an image on the clipboard does."""
+        self.driver.execute_script("""
+            const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], arguments[1], {type: 'image/png'}));
+            const box = document.querySelector('#question textarea');
+            box.focus();
+            box.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}));
+        """, base64.b64encode(path.read_bytes()).decode(), path.name)
+        self.wait(lambda d: self.box().find_elements(By.CSS_SELECTOR, ".thumbnail-item"), f"{path.name} pasted")
+
     def ask(self, question: str) -> None:
         textarea = self.box().find_element(By.TAG_NAME, "textarea")
         textarea.send_keys(question)
@@ -144,7 +157,7 @@ class Page:
 
 
 def test_browser_conversation(server, browser, tmp_path):
-    """Upload, ask, follow up; a bad file and an empty question get messages; an example starts a new conversation."""
+    """Upload, ask, follow up; a bad file and an empty question get messages; an example or a paste starts over."""
     started = time.monotonic()
     page = Page(browser, server, tmp_path)
     text = page.driver.find_element(By.ID, "model-info").text
@@ -186,7 +199,18 @@ def test_browser_conversation(server, browser, tmp_path):
     page.box().find_element(By.CSS_SELECTOR, "button.submit-button").click()
     page.wait(lambda d: page.answers() == [example["answer"]] and page.status() == "", "the new conversation's answer")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#chatbot img")) == 1
-    page.screenshot("new_image")
+    page.screenshot("example")
+
+    example = EXAMPLE_LIST[1]  # a pasted image starts over too
+    page.paste(EXAMPLES / example["image"])
+    page.ask(example["question"])
+    page.wait(lambda d: page.answers() == [example["answer"]] and page.status() == "", "the pasted image's answer")
+    page.screenshot("pasted")
+
+    browser.find_element(By.ID, "new-conversation").click()  # forgets the image too
+    page.wait(lambda d: page.answers() == [], "an empty conversation")
+    page.ask(QUESTION)
+    page.wait(lambda d: "Upload or paste an image first" in page.status(), "the no-image message")
     assert time.monotonic() - started < 120
     if os.environ.get("FLORENCE_VL_UPDATE_SCREENSHOT"):
         shutil.copyfile(first, REPO / "docs" / "demo.png")
