@@ -97,6 +97,8 @@ class Chat:
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32"):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        if os.sep in model_path and not Path(model_path).exists():
+            raise ValueError(f"model folder {model_path!r} does not exist")
         try:
             self.model = AutoModelForImageTextToText.from_pretrained(
                 model_path, trust_remote_code=True, dtype=getattr(torch, dtype)).to(device).eval()
@@ -119,7 +121,7 @@ class Chat:
                 raise ValueError(f"the conversation is too long for this model ({prompt_length} tokens, it reads at "
                                  f"most {self.max_length}); upload the image again to start a new conversation")
             max_new_tokens = min(max_new_tokens, self.max_length - prompt_length)
-        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure = []
 

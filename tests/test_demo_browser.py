@@ -14,10 +14,12 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
@@ -34,7 +36,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
 
 def normalize(text: str) -> str:
     text = text.strip().lower()
-    return text[:-1] if text.endswith(".") else text
+    return text.removesuffix(".")
 
 
 def free_port() -> int:
@@ -238,7 +240,7 @@ def test_client_answer_streams_token_by_token(server):
     assert normalize(partials[-1]) == normalize(example["answer"])
     growing = [text for text in partials if text]
     assert len(set(growing)) >= 5, partials  # many intermediate states, not one final message
-    assert all(b.startswith(a.rstrip()) for a, b in zip(growing, growing[1:])), growing
+    assert all(b.startswith(a.rstrip()) for a, b in pairwise(growing)), growing
 
 
 def test_client_eight_concurrent_users_all_answered(server):
@@ -266,16 +268,15 @@ def test_client_bad_inputs_get_messages_and_the_server_keeps_working(server, tmp
                                      (EXAMPLES / "shapes_3.png", "   ", "question is empty")]:
         history, _, status = chat(client, image, question).result(timeout=60)
         assert message in status and not [turn for turn in history if turn["role"] == "assistant"], (message, status)
-    with pytest.raises(Exception, match="not an image file"):
+    with pytest.raises(AppError, match="not an image file"):
         client.predict(handle_file(str(broken)), QUESTION, api_name="/ask")
     history, _, status = chat(client, EXAMPLES / "shapes_3.png", QUESTION).result(timeout=60)
     assert normalize(last_answer(history)) == "cat" and status == ""
 
 
 def test_follow_up_prompt_keeps_the_conversation_and_one_image():
-    from transformers import AutoProcessor
-
     from florence_vl.demo import Conversation
+    from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(REPO / "checkpoints" / "florence-vl-tiny-shapes", trust_remote_code=True)
     conversation = Conversation(image=Image.open(EXAMPLES / "shapes_3.png"), turns=[(QUESTION, "cat")])
@@ -304,3 +305,10 @@ def test_exported_space_runs_without_the_package(tmp_path):
         assert normalize(answer) == "cat"
     finally:
         stop(process)
+
+
+def test_cli_demo_errors_are_one_line_with_exit_code_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "florence_vl.cli", "demo", "--model", str(tmp_path / "missing")],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"florence-vl: error: model folder {str(tmp_path / 'missing')!r} does not exist"], result.stderr
