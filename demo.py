@@ -171,17 +171,16 @@ def respond(chat: Chat, message: dict, history: list, conversation: Conversation
     if len(text) > MAX_QUESTION_CHARS:
         yield fail(f"The question is {len(text)} characters long; ask in at most {MAX_QUESTION_CHARS}.")
         return
-    history = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-    answer = ""
+    answer, shown = "", [*history, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
     try:
         for answer in chat.stream(conversation, text, int(max_new_tokens), float(temperature)):
-            history[-1] = {"role": "assistant", "content": answer}
-            yield history, conversation, gr.MultimodalTextbox(value=None), ""
-    except ValueError as error:
+            shown = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+            yield shown, conversation, gr.MultimodalTextbox(value=None), ""
+    except ValueError as error:  # raised before the first piece: the conversation is too long
         yield fail(f"{str(error)[:1].upper()}{str(error)[1:]}.")
         return
     conversation = Conversation(image=conversation.image, turns=[*conversation.turns, (text, answer.strip())])
-    yield history, conversation, gr.MultimodalTextbox(value=None), ""
+    yield shown, conversation, gr.MultimodalTextbox(value=None), ""
 
 
 def build_app(chat: Chat, concurrency_limit: int = 1, max_new_tokens: int = 48) -> gr.Blocks:
@@ -275,8 +274,8 @@ def export_space(directory: str | Path, model: str | None = None) -> Path:
         model_line = "The model is in `model/`."
     else:
         model_line = f"The model is `{model}` on the Hub (set the `FLORENCE_VL_MODEL` variable to change it)."
-    (directory / "requirements.txt").write_text(
-        f"torch>=2.6\ntransformers>=5.24,<6\npillow>=10.1\ngradio=={GRADIO_VERSION}\n")
+    (directory / "requirements.txt").write_text(  # a Space installs gradio itself, from sdk_version
+        "torch>=2.6\ntransformers>=5.24,<6\npillow>=10.1\n")
     (directory / "README.md").write_text(
         f"---\ntitle: Florence-VL demo\nemoji: 🖼️\ncolorFrom: blue\ncolorTo: green\nsdk: gradio\n"
         f"sdk_version: {GRADIO_VERSION}\napp_file: app.py\npinned: false\nlicense: apache-2.0\n---\n\n"

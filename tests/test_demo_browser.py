@@ -77,8 +77,10 @@ def server(tmp_path_factory):
     """`florence-vl demo` on the shipped tiny checkpoint, on a free loopback port."""
     log = tmp_path_factory.mktemp("demo") / "server.log"
     port = free_port()
-    process, url = start([sys.executable, "-m", "florence_vl.cli", "demo", "--host", "127.0.0.1", "--port", str(port)],
-                         port, log)
+    command = [sys.executable, "-m", "florence_vl.cli", "demo", "--host", "127.0.0.1", "--port", str(port),
+               "--concurrency-limit", "3"]  # more than one answer at a time: generate() runs in parallel threads
+    process, url = start(command, port, log)
+    assert "3 answer(s) at a time" in log.read_text()
     yield url
     alive = process.poll() is None
     stop(process)
@@ -265,7 +267,8 @@ def test_client_bad_inputs_get_messages_and_the_server_keeps_working(server, tmp
     for image, question, message in [(None, QUESTION, "Upload or paste an image first"),  # the session's state
                                      (huge, QUESTION, "too large (8000×6000"),
                                      (broken, QUESTION, "'broken.png' is not an image file"),
-                                     (EXAMPLES / "shapes_3.png", "   ", "question is empty")]:
+                                     (EXAMPLES / "shapes_3.png", "   ", "question is empty"),
+                                     (EXAMPLES / "shapes_3.png", "word " * 300, "conversation is too long")]:
         history, _, status = chat(client, image, question).result(timeout=60)
         assert message in status and not [turn for turn in history if turn["role"] == "assistant"], (message, status)
     with pytest.raises(AppError, match="not an image file"):
@@ -295,8 +298,8 @@ def test_exported_space_runs_without_the_package(tmp_path):
                             env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert {"app.py", "requirements.txt", "README.md", "examples", "model"} <= {p.name for p in space.iterdir()}
-    assert "sdk: gradio" in (space / "README.md").read_text()
-    assert "gradio==" in (space / "requirements.txt").read_text()
+    assert "sdk: gradio\nsdk_version: 6." in (space / "README.md").read_text()
+    assert "transformers>=5.24,<6" in (space / "requirements.txt").read_text()
     blocked = "import sys, runpy; sys.modules['florence_vl'] = None; runpy.run_path('app.py', run_name='__main__')"
     process, url = start([sys.executable, "-c", blocked], free_port(), tmp_path / "space.log", cwd=space)
     try:
