@@ -256,7 +256,8 @@ def launch(model: str | None = None, host: str | None = None, port: int | None =
     print(f"Florence-VL demo: {chat.name} ({chat.size} parameters) on {device}, {limit} answer(s) at a time",
           flush=True)
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, show_error=True,
-               allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css="#status { color: #b91c1c; }")
+               allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft(),
+               css="#status * { color: #b91c1c !important; }")  # messages about bad input in red
 
 
 def export_space(directory: str | Path, model: str | None = None) -> Path:
