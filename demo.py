@@ -11,12 +11,13 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from threading import Thread
+from threading import Event, Thread
 
 import gradio as gr
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer
+from transformers import (AutoModelForImageTextToText, AutoProcessor, StoppingCriteria, StoppingCriteriaList,
+                          TextIteratorStreamer)
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES_DIR = HERE / "examples"
@@ -91,6 +92,16 @@ class Conversation:
         return messages
 
 
+class StopOnEvent(StoppingCriteria):
+    """Ends generation once `event` is set (the page's Stop button)."""
+
+    def __init__(self, event: Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class Chat:
     """A loaded model and processor that stream answers to questions about one image."""
 
@@ -111,8 +122,9 @@ class Chat:
         text_config = self.model.config.get_text_config()
         self.max_length = getattr(text_config, "max_position_embeddings", None)
 
-    def stream(self, conversation: Conversation, question: str, max_new_tokens: int, temperature: float):
-        """Yield the answer so far after each new piece of text (greedy when `temperature` is 0)."""
+    def stream(self, conversation: Conversation, question: str, max_new_tokens: int, temperature: float,
+               stop: Event | None = None):
+        """Yield the answer so far after each new piece of text (greedy when `temperature` is 0) until `stop` is set."""
         prompt = self.processor.apply_chat_template(conversation.messages(question), add_generation_prompt=True)
         inputs = self.processor(text=prompt, images=conversation.image, return_tensors="pt").to(self.model.device)
         prompt_length = inputs["input_ids"].shape[1]
@@ -123,12 +135,13 @@ class Chat:
             max_new_tokens = min(max_new_tokens, self.max_length - prompt_length)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        failure = []
+        failure, stopping = [], StoppingCriteriaList([StopOnEvent(stop)] if stop is not None else [])
 
         def generate():
             try:
                 with torch.inference_mode():
-                    self.model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
+                    self.model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
+                                        stopping_criteria=stopping, **sampling)
             except Exception as error:  # noqa: BLE001 - re-raised in the caller's thread below
                 failure.append(error)
                 streamer.end()
@@ -145,7 +158,7 @@ class Chat:
 
 
 def respond(chat: Chat, message: dict, history: list, conversation: Conversation | None,
-            max_new_tokens: int, temperature: float):
+            max_new_tokens: int, temperature: float, stop: Event | None = None):
     """The submit handler: yields (chatbot history, conversation, textbox value, status message)."""
     conversation = conversation or Conversation()
     text = (message or {}).get("text", "").strip()
@@ -173,7 +186,7 @@ def respond(chat: Chat, message: dict, history: list, conversation: Conversation
         return
     answer, shown = "", [*history, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
     try:
-        for answer in chat.stream(conversation, text, int(max_new_tokens), float(temperature)):
+        for answer in chat.stream(conversation, text, int(max_new_tokens), float(temperature), stop):
             shown = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": answer}]
             yield shown, conversation, gr.MultimodalTextbox(value=None), ""
     except ValueError as error:  # raised before the first piece: the conversation is too long
@@ -202,7 +215,9 @@ def build_app(chat: Chat, concurrency_limit: int = 1, max_new_tokens: int = 48) 
                 with gr.Accordion("Generation settings", open=True):
                     max_new_tokens = gr.Slider(1, 512, value=max_new_tokens, step=1, label="Max new tokens")
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-                new_chat = gr.Button("New conversation", elem_id="new-conversation")
+                with gr.Row():
+                    stop_button = gr.Button("Stop", elem_id="stop")
+                    new_chat = gr.Button("New conversation", elem_id="new-conversation")
                 examples = json.loads((EXAMPLES_DIR / "examples.json").read_text()) \
                     if (EXAMPLES_DIR / "examples.json").exists() else []
                 if examples:
@@ -210,12 +225,24 @@ def build_app(chat: Chat, concurrency_limit: int = 1, max_new_tokens: int = 48) 
                                  for example in examples], inputs=[textbox], label="Examples (click, then send)",
                                 elem_id="examples")
 
-        def handler(message, history, state, tokens, temp):
-            yield from respond(chat, message, history, state, tokens, temp)
+        running: dict[str, Event] = {}  # session -> the Stop signal of its answer in progress
+
+        def handler(message, history, state, tokens, temp, request: gr.Request):
+            stop = running[request.session_hash] = Event()
+            try:
+                yield from respond(chat, message, history, state, tokens, temp, stop)
+            finally:
+                if running.get(request.session_hash) is stop:
+                    del running[request.session_hash]
+
+        def stop_answer(request: gr.Request):
+            if request.session_hash in running:
+                running[request.session_hash].set()
 
         textbox.submit(handler, [textbox, chatbot, conversation, max_new_tokens, temperature],
                        [chatbot, conversation, textbox, status], concurrency_limit=concurrency_limit,
                        concurrency_id="model", api_name="chat")
+        stop_button.click(stop_answer, None, None, queue=False, api_name=False)
         new_chat.click(lambda: ([], None, ""), None, [chatbot, conversation, status], queue=False, api_name=False)
     return app
 

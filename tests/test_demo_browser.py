@@ -211,6 +211,8 @@ def test_browser_conversation(server, browser, tmp_path):
     page.wait(lambda d: page.answers() == [example["answer"]] and page.status() == "", "the pasted image's answer")
     page.screenshot("pasted")
 
+    browser.find_element(By.ID, "stop").click()  # nothing is running: nothing changes
+    assert page.answers() == [example["answer"]] and page.status() == ""
     browser.find_element(By.ID, "new-conversation").click()  # forgets the image too
     page.wait(lambda d: page.answers() == [], "an empty conversation")
     page.ask(QUESTION)
@@ -289,6 +291,24 @@ def test_follow_up_prompt_keeps_the_conversation_and_one_image():
     assert prompt.index(QUESTION) < prompt.index("cat") < prompt.index("What shape is on the left?")
     inputs = processor(text=prompt, images=conversation.image, return_tensors="pt")
     assert inputs["pixel_values"].shape[0] == 1
+
+
+def test_stop_ends_the_answer_early():
+    """The Stop button's signal ends generation at the next token; without it the whole caption comes."""
+    from threading import Event
+
+    from florence_vl.demo import Chat, Conversation
+
+    chat = Chat(str(REPO / "checkpoints" / "florence-vl-tiny-shapes"))
+    example = EXAMPLE_LIST[4]
+    conversation = Conversation(image=Image.open(EXAMPLES / example["image"]))
+    full = list(chat.stream(conversation, example["question"], 48, 0.0, stop=Event()))[-1]
+    assert normalize(full) == normalize(example["answer"])
+    stop = Event()
+    partial = ""
+    for partial in chat.stream(conversation, example["question"], 48, 0.0, stop=stop):
+        stop.set()  # pressed after the first piece arrived
+    assert 0 < len(partial) < len(full) / 2 and full.startswith(partial.strip()), (partial, full)
 
 
 def test_exported_space_runs_without_the_package(tmp_path):
