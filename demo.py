@@ -16,8 +16,13 @@ from threading import Event, Thread
 import gradio as gr
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from transformers import (AutoModelForImageTextToText, AutoProcessor, StoppingCriteria, StoppingCriteriaList,
-                          TextIteratorStreamer)
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES_DIR = HERE / "examples"
