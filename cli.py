@@ -154,6 +154,21 @@ def convert(args) -> None:
         raise UsageError(str(error)) from error
 
 
+def demo(args) -> None:
+    require_extra("demo", "gradio")
+    from florence_vl import demo as web_demo
+
+    try:
+        if args.export_space:
+            folder = web_demo.export_space(args.export_space, args.model)
+            print(f"Space folder written to {folder}; upload it with: hf upload --repo-type space USER/NAME {folder}")
+            return
+        web_demo.launch(args.model, args.host, args.port, args.device, args.dtype, args.concurrency_limit,
+                        args.share, args.max_new_tokens)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="florence-vl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument("src")
     convert_parser.add_argument("dst")
     convert_parser.set_defaults(run=convert)
+
+    demo_parser = commands.add_parser("demo", help="serve a web demo (Gradio) in the browser")
+    demo_parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)")
+    demo_parser.add_argument("--port", type=int, default=None, help="default: 7860, or the next free port")
+    demo_parser.add_argument("--concurrency-limit", type=int, default=None,
+                             help="answers generated at once (default: one per two CPU cores, 4 on a GPU)")
+    demo_parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    demo_parser.add_argument("--export-space", metavar="DIR", help="write a Hugging Face Space folder (app, "
+                                                                   "requirements, examples, model) and exit")
+    model_options(demo_parser)
+    demo_parser.set_defaults(run=demo)
 
     from florence_vl.analysis import add_analyze_parser
 
