@@ -143,9 +143,9 @@ def build_trainer(argv):
 
 @pytest.fixture(scope="module")
 def qlora(saved, tmp_path_factory):
-    """Two QLoRA steps through train/sft.py (4-bit LLM, LoRA r=4, projector trained in modules_to_save), saved."""
+    """Two QLoRA steps through train/sft.py (bf16 load, 4-bit LLM, LoRA r=4, projector in modules_to_save), saved."""
     out = tmp_path_factory.mktemp("qlora") / "adapter"
-    argv = sft_args(saved, out, "--load_in_4bit", "true", "--use_peft", "true", "--lora_r", "4",
+    argv = sft_args(saved, out, "--load_in_4bit", "true", "--use_peft", "true", "--lora_r", "4", "--dtype", "bfloat16",
                     "--activation_checkpointing", "true")
     trainer = build_trainer(argv)
     before = {name: parameter.detach().clone() for name, parameter in trainer.model.named_parameters()}
@@ -166,6 +166,11 @@ def test_qlora_step_changes_only_lora_and_projector(qlora):
     assert any("lora_B" in name for name in changed) and any("modules_to_save" in name for name in changed)
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     assert trainable == allowed
+    # prepare_model_for_kbit_training: the frozen full-precision parts (vision, norms, embeddings) run in float32
+    frozen = {name: parameter.dtype for name, parameter in model.named_parameters()
+              if not parameter.requires_grad and parameter.dtype != torch.uint8}
+    assert any("vision_tower" in name for name in frozen) and any("norm" in name for name in frozen)
+    assert set(frozen.values()) == {torch.float32}, {name: dtype for name, dtype in frozen.items() if dtype != torch.float32}
 
 
 def test_adapter_loads_back_and_merges_for_full_precision_inference(qlora, saved, inputs):
