@@ -31,8 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 CHECKPOINT = REPO / "checkpoints" / "florence-vl-tiny-shapes"
 VARIANTS = ("float32", "8bit", "4bit-nf4")
-# LLMs for the memory section (Llama layout, sizes multiples of 64); "phi3.5-mini" needs ~16 GB to save.
+# LLMs for the memory section (Llama layout, sizes multiples of 32); "phi3.5-mini" needs ~16 GB to save.
 MEMORY_LLMS = {
+    "toy": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=272),  # tests/test_quantization.py
     "medium": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=8, num_attention_heads=16,
                    num_key_value_heads=16, vocab_size=32064),
     "phi3.5-mini": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,

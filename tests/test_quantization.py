@@ -205,3 +205,25 @@ def test_quantized_training_needs_peft_and_a_saved_model(saved, tmp_path):
     argv[:2] = ["--model_config", str(tmp_path / "model.json"), "--tokenizer", "shapes"]
     with pytest.raises(ValueError, match="--model_name_or_path"):
         build_trainer(argv)
+
+
+def test_quant_eval_benchmark_smoke(tmp_path):
+    """benchmarks/quant_eval.py at toy size: both sections, the JSON the README table is read from."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "quant_eval.py"
+    out = tmp_path / "quant.json"
+    subprocess.run([sys.executable, str(script), "--n", "4", "--batch-size", "4", "--variants", "float32,4bit-nf4",
+                    "--memory-florence2", "toy", "--memory-llm", "toy", "--out", str(out)], check=True,
+                   capture_output=True)
+    report = json.loads(out.read_text())
+    assert set(report["accuracy"]) == set(report["memory"]) - {"params"} == {"float32", "4bit-nf4"}
+    for variant in ("float32", "4bit-nf4"):
+        assert report["accuracy"][variant]["n"] == 4 and 0 <= report["accuracy"][variant]["overall"] <= 1
+        assert report["memory"][variant]["anon_after_load_mb"] > 0
+    assert report["memory"]["4bit-nf4"]["llm_linear_mb"] * 8 == report["memory"]["float32"]["llm_linear_mb"]
+    wrong = subprocess.run([sys.executable, str(script), "--variants", "float32,int3"], capture_output=True, text=True)
+    assert wrong.returncode != 0 and "int3" in wrong.stderr
