@@ -268,7 +268,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
 class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
-    _keep_in_fp32_modules = ["model.vision_tower", "model.multi_modal_projector"]  # never quantized: see FlorenceVLModel
+    _keep_in_fp32_modules = ["model.vision_tower", "model.multi_modal_projector"]  # not quantized: see FlorenceVLModel
 
     def __init__(self, config: FlorenceVLConfig):
         super().__init__(config)

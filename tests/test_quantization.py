@@ -170,7 +170,7 @@ def test_qlora_step_changes_only_lora_and_projector(qlora):
     frozen = {name: parameter.dtype for name, parameter in model.named_parameters()
               if not parameter.requires_grad and parameter.dtype != torch.uint8}
     assert any("vision_tower" in name for name in frozen) and any("norm" in name for name in frozen)
-    assert set(frozen.values()) == {torch.float32}, {name: dtype for name, dtype in frozen.items() if dtype != torch.float32}
+    assert set(frozen.values()) == {torch.float32}, {name for name, dtype in frozen.items() if dtype != torch.float32}
 
 
 def test_adapter_loads_back_and_merges_for_full_precision_inference(qlora, saved, inputs):
