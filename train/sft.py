@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import TrainerCallback, set_seed
-from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
 from florence_vl import FlorenceVLConfig, FlorenceVLForConditionalGeneration, FlorenceVLProcessor
 from florence_vl.processing_florence_vl import CHAT_TEMPLATES, florence2_image_processor
@@ -76,9 +77,13 @@ def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig
                               training_args: SFTConfig | None = None):
     load = model_init_kwargs(model_args, training_args)
     if model_args.model_name_or_path:  # this package's classes: no remote code needed for a Florence-VL folder
+        load.update(quantization_kwargs(model_args))
         model = FlorenceVLForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **load)
         processor = FlorenceVLProcessor.from_pretrained(model_args.model_name_or_path, revision=load["revision"])
         return model, processor
+    if get_quantization_config(model_args) is not None:
+        raise ValueError("--load_in_4bit/--load_in_8bit need --model_name_or_path (a saved Florence-VL model); got "
+                         f"florence2={args.florence2!r}, llm={args.llm!r}, model_config={args.model_config!r}.")
     if args.florence2 and args.llm:
         from florence_vl.convert import from_pretrained_parts
 
@@ -118,6 +123,20 @@ def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig
         chat_template=CHAT_TEMPLATES[args.chat_template], num_image_tokens=config.num_image_tokens,
     )
     return model, processor
+
+
+def quantization_kwargs(model_args: ModelConfig) -> dict:
+    """QLoRA loading (`--load_in_4bit` / `--load_in_8bit`): only the LLM is quantized (the model keeps its vision
+    tower and projector out of it); each process loads onto its own GPU (what TRL's `get_kbit_device_map` did)."""
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is None:
+        return {}
+    device_map = {"": PartialState().local_process_index} if torch.cuda.is_available() else None
+    return dict(quantization_config=quantization_config, device_map=device_map)
+
+
+def is_quantized(model) -> bool:
+    return getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
 
 
 def load_train_dataset(args: FlorenceVLArguments, script_args: ScriptArguments):
@@ -217,6 +236,11 @@ class ImageSensitivityCallback(TrainerCallback):
 def configure_stage(model, args: FlorenceVLArguments) -> None:
     if args.stage not in ("pretrain", "finetune"):
         raise ValueError(f"--stage {args.stage!r} is not supported; use 'pretrain' or 'finetune'.")
+    if is_quantized(model):  # QLoRA: freeze the base, full-precision non-quantized weights; PEFT adds the adapters
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # the Trainer applies its own
+        return
     model.requires_grad_(True)
     if args.stage == "finetune":  # frozen vision builds no autograd graph: no activations are kept for it
         set_vision_trainable(model, False)
@@ -231,6 +255,9 @@ def build_trainer(script_args: ScriptArguments, training_args: SFTConfig, model_
     train_dataset = load_train_dataset(args, script_args)
 
     peft_config = get_peft_config(model_args)
+    if peft_config is None and is_quantized(model):
+        raise ValueError("A model loaded with --load_in_4bit/--load_in_8bit trains only through adapters: add "
+                         "--use_peft true (QLoRA).")
     if peft_config is not None:
         if not model_args.lora_target_modules:
             peft_config.target_modules = LLM_LORA_TARGETS

@@ -208,7 +208,8 @@ class FlorenceVLMultiModalProjector(nn.Module):
         return torch.stack(features).mean(0)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return self.mlp(self.fuse(features))
+        # Own dtype: QLoRA (TRL) trains a bf16 copy of the projector on full-precision vision features.
+        return self.mlp(self.fuse(features).to(self.mlp[0].weight.dtype))
 
 
 class FlorenceVLPreTrainedModel(PreTrainedModel):
@@ -233,6 +234,11 @@ class FlorenceVLPreTrainedModel(PreTrainedModel):
 
 
 class FlorenceVLModel(FlorenceVLPreTrainedModel):
+    # Quantization (bitsandbytes and the other transformers quantizers read this list, whatever the user's
+    # `llm_int8_skip_modules` says): only the LLM is quantized; the vision tower and the DBFusion projector keep
+    # full precision. Side effect: `dtype=torch.float16` keeps them in float32 (DaViT casts its input itself).
+    _keep_in_fp32_modules = ["vision_tower", "multi_modal_projector"]
+
     def __init__(self, config: FlorenceVLConfig):
         super().__init__(config)
         names = config.vision_prompt_names
@@ -348,6 +354,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
 class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    _keep_in_fp32_modules = ["model.vision_tower", "model.multi_modal_projector"]  # not quantized: see FlorenceVLModel
 
     def __init__(self, config: FlorenceVLConfig):
         super().__init__(config)
