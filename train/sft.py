@@ -27,12 +27,13 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback, set_seed
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
-from florence_vl import FlorenceVLConfig, FlorenceVLForConditionalGeneration, FlorenceVLProcessor
-from florence_vl.processing_florence_vl import CHAT_TEMPLATES, florence2_image_processor
+from florence_vl import FlorenceVLConfig, FlorenceVLForConditionalGeneration
+from florence_vl.processing_florence_vl import CHAT_TEMPLATES
 from florence_vl.train import data as data_utils
 
 logger = logging.getLogger(__name__)
-VISION_PREFIX = "model.vision_tower."
+# Our vision tower's parameters (DaViT, its projection, the BART prompt encoder); PEFT may prefix the names.
+VISION_TOWER_PREFIX = "model.vision_tower."
 # LoRA lands on the LLM's projections only: the Florence-2 BART encoder has q_proj/k_proj/v_proj/out_proj too.
 LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj)"
 
@@ -44,6 +45,8 @@ class FlorenceVLArguments:
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder for --model_config, or "
                                                                    "'shapes' for the task's built-in tokenizer."})
     chat_template: str = field(default="phi3", metadata={"help": f"One of {sorted(CHAT_TEMPLATES)}."})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (the original's: centred on the mean "
+                                                                     "colour) or resize (stretched), new models."})
     florence2: str | None = field(default=None, metadata={"help": "Native Florence-2 checkpoint (with --llm)."})
     llm: str | None = field(default=None, metadata={"help": "Causal-LM checkpoint (with --florence2)."})
     llava_json: str | None = field(default=None, metadata={"help": "LLaVA-style JSON/JSONL training data."})
@@ -90,15 +93,10 @@ def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig
     model = FlorenceVLForConditionalGeneration(config)
     if model_args.attn_implementation:
         model.set_attn_implementation(model_args.attn_implementation)
-    end_ids = [tokenizer.convert_tokens_to_ids(token) for token in ("<|end|>", "<|eot_id|>")
-               if token in tokenizer.get_vocab()]
-    model.generation_config.eos_token_id = end_ids + [tokenizer.eos_token_id]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    processor = FlorenceVLProcessor(
-        image_processor=florence2_image_processor(config.image_size), tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATES[args.chat_template], num_image_tokens=config.num_image_tokens,
-    )
-    return model, processor
+    from florence_vl.convert import build_processor, set_generation_defaults
+
+    set_generation_defaults(model, tokenizer)
+    return model, build_processor(tokenizer, config, CHAT_TEMPLATES[args.chat_template], args.image_aspect_ratio)
 
 
 def load_train_dataset(args: FlorenceVLArguments, script_args: ScriptArguments):
@@ -122,7 +120,7 @@ def load_train_dataset(args: FlorenceVLArguments, script_args: ScriptArguments):
 
 def set_vision_trainable(model, trainable: bool) -> None:
     for name, parameter in model.named_parameters():
-        if VISION_PREFIX in name and "lora_" not in name:
+        if VISION_TOWER_PREFIX in name and "lora_" not in name:
             parameter.requires_grad_(trainable)
 
 
@@ -138,7 +136,7 @@ class VisionParamGroups:
             if not parameter.requires_grad:
                 continue
             decay = parameter.ndim >= 2 and "norm" not in name.lower()
-            key = (VISION_PREFIX in name, decay)
+            key = (VISION_TOWER_PREFIX in name, decay)
             groups.setdefault(key, []).append(parameter)
         param_groups = [
             {"params": params, "lr": vision_lr if is_vision else lr, "weight_decay": weight_decay if decay else 0.0}
