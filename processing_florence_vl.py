@@ -5,7 +5,7 @@ import os
 import numpy as np  # a hard dependency of transformers
 import torch
 from transformers import CLIPImageProcessorPil
-from transformers.image_utils import load_image
+from transformers.image_utils import PILImageResampling, load_image
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_vision_available
 
@@ -99,9 +99,11 @@ def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.I
 
 
 def florence2_image_processor(image_size: int = 768) -> CLIPImageProcessorPil:
-    """Florence-2 preprocessing: bicubic resize to a square `image_size`, rescale, ImageNet mean/std."""
+    """Florence-2 preprocessing (microsoft/Florence-2-large preprocessor_config.json): bicubic resize to a square
+    `image_size`, rescale by 1/255, ImageNet mean/std, no centre crop."""
     return CLIPImageProcessorPil(
-        size={"height": image_size, "width": image_size}, do_center_crop=False,
+        size={"height": image_size, "width": image_size}, resample=PILImageResampling.BICUBIC, do_resize=True,
+        do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
         image_mean=list(FLORENCE2_IMAGE_MEAN), image_std=list(FLORENCE2_IMAGE_STD),
     )
 

@@ -178,6 +178,9 @@ def test_vision_weights_from_the_bin_without_the_buffer(tmp_path, reference):
     buffer is recomputed and the features still match the original."""
     src = tmp_path / "src"
     shutil.copytree(FIXTURE / "checkpoint", src)
+    # an instruct LLM's sampling defaults must not be inherited: the original evaluated greedily
+    (src / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "eos_token_id": [246], "bos_token_id": 1}))
     weights = load_file(src / "model.safetensors")
     save_file({key: value for key, value in weights.items() if not key.startswith("model.vision_tower.")},
               src / "model.safetensors", metadata={"format": "pt"})
@@ -188,6 +191,8 @@ def test_vision_weights_from_the_bin_without_the_buffer(tmp_path, reference):
     with torch.no_grad():
         features = model.eval().get_image_features(pixel_values=reference["pixel_values"]).pooler_output
     torch.testing.assert_close(features, reference["image_features"], atol=1e-4, rtol=0)
+    generation = model.generation_config
+    assert generation.do_sample is False and generation.temperature in (None, 1.0) and generation.top_p in (None, 1.0)
     card = (tmp_path / "dst" / "README.md").read_text()
     assert "base_model" not in card and "/tmp" not in card  # mm_vision_tower is a machine-local path
 
