@@ -429,3 +429,16 @@ def test_saved_aspect_ratio_round_trips_and_old_processors_keep_resizing(tmp_pat
     del saved["image_aspect_ratio"]  # saved before the option existed, e.g. the shipped tiny checkpoint
     config_file.write_text(json.dumps(saved))
     assert AutoProcessor.from_pretrained(tmp_path / "pad", trust_remote_code=True).image_aspect_ratio == "resize"
+
+
+def test_llava_json_turns_render_as_the_original_trained_on():
+    """LLaVA data: the original (preprocess_multimodal) removes the marker, strips the text and puts
+    `<image>\\n` first; training data here goes through the same template and processor."""
+    from florence_vl.train.data import llava_to_messages
+
+    turns = [{"from": "human", "value": "What is this? <image>\n"}, {"from": "gpt", "value": "A cat."},
+             {"from": "human", "value": " And its colour?"}]
+    messages = llava_to_messages(turns, 1)
+    rendered = tiny_processor(family="phi3").apply_chat_template(messages, add_generation_prompt=True)
+    assert rendered == (PHI3_SYSTEM + "\n<|user|>\n<image>\nWhat is this?<|end|>\n<|assistant|>\nA cat.<|end|>"
+                        "\n<|user|>\n And its colour?<|end|>\n<|assistant|>\n")

@@ -44,9 +44,13 @@ class FlorenceVLArguments:
     model_config: str | None = field(default=None, metadata={"help": "JSON of FlorenceVLConfig args (random init)."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder for --model_config, or "
                                                                    "'shapes' for the task's built-in tokenizer."})
-    chat_template: str = field(default="phi3", metadata={"help": f"One of {sorted(CHAT_TEMPLATES)}."})
-    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (the original's: centred on the mean "
-                                                                     "colour) or resize (stretched), new models."})
+    chat_template: str | None = field(default=None, metadata={
+        "help": f"One of {sorted(CHAT_TEMPLATES)} or a Jinja template (the original: plain in stage 1, the LLM's "
+                "family in stage 2). Default: a loaded model keeps its own; a new one gets its LLM's family (phi3 "
+                "for --model_config)."})
+    image_aspect_ratio: str | None = field(default=None, metadata={
+        "help": "pad (centred on the mean colour) or resize (stretched); the original pads in stage 2 and "
+                "stretches in stage 1. Default: a loaded model keeps its own; a new one pads."})
     florence2: str | None = field(default=None, metadata={"help": "Native Florence-2 checkpoint (with --llm)."})
     llm: str | None = field(default=None, metadata={"help": "Causal-LM checkpoint (with --florence2)."})
     llava_json: str | None = field(default=None, metadata={"help": "LLaVA-style JSON/JSONL training data."})
@@ -66,11 +70,14 @@ def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig
     if model_args.model_name_or_path:
         kwargs = dict(trust_remote_code=True, attn_implementation=model_args.attn_implementation, dtype=dtype)
         model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, **kwargs)
-        return model, AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+        return model, set_prompt_and_image_format(processor, args, model.config.text_config.model_type)
     if args.florence2 and args.llm:
         from florence_vl.convert import from_pretrained_parts
 
-        return from_pretrained_parts(florence2=args.florence2, llm=args.llm, chat_template=args.chat_template)
+        model, processor = from_pretrained_parts(florence2=args.florence2, llm=args.llm,
+                                                 chat_template=args.chat_template)
+        return model, set_prompt_and_image_format(processor, args, model.config.text_config.model_type)
     if not (args.model_config and args.tokenizer):
         raise ValueError("Give a model: --model_name_or_path, --florence2 with --llm, or --model_config with "
                          "--tokenizer.")
@@ -93,10 +100,25 @@ def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig
     model = FlorenceVLForConditionalGeneration(config)
     if model_args.attn_implementation:
         model.set_attn_implementation(model_args.attn_implementation)
-    from florence_vl.convert import build_processor, set_generation_defaults
+    from florence_vl.convert import build_processor, resolve_chat_template, set_generation_defaults
 
     set_generation_defaults(model, tokenizer)
-    return model, build_processor(tokenizer, config, CHAT_TEMPLATES[args.chat_template], args.image_aspect_ratio)
+    template = resolve_chat_template(args.chat_template or "phi3", config.text_config.model_type)
+    return model, build_processor(tokenizer, config, template, args.image_aspect_ratio or "pad")
+
+
+def set_prompt_and_image_format(processor, args: FlorenceVLArguments, text_model_type: str):
+    """Apply --chat_template / --image_aspect_ratio when given (e.g. stage 2 after a `plain`, stretched stage 1)."""
+    from florence_vl.convert import resolve_chat_template
+    from florence_vl.processing_florence_vl import IMAGE_ASPECT_RATIOS
+
+    if args.chat_template:
+        processor.chat_template = resolve_chat_template(args.chat_template, text_model_type)
+    if args.image_aspect_ratio:
+        if args.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"--image_aspect_ratio {args.image_aspect_ratio!r} must be one of {IMAGE_ASPECT_RATIOS}.")
+        processor.image_aspect_ratio = args.image_aspect_ratio
+    return processor
 
 
 def load_train_dataset(args: FlorenceVLArguments, script_args: ScriptArguments):
