@@ -69,6 +69,8 @@ def test_fixture_layout_is_the_original_one():
     config = json.loads((FIXTURE / "checkpoint" / "config.json").read_text())
     vision = json.loads((FIXTURE / "checkpoint" / "vision_tower" / "config.json").read_text())
     assert config["model_type"] == "llava_phi" and config["rope_scaling"]["type"] == "longrope"
+    llama = json.loads((FIXTURE / "checkpoint-llama" / "config.json").read_text())
+    assert llama["model_type"] == "llava_llama" and llama["rope_scaling"]["rope_type"] == "llama3"
     assert config["image_aspect_ratio"] == "pad" and Path(config["mm_vision_tower"]).is_absolute()
     assert vision["vision_config"]["model_type"] == ""
     assert "visual_temporal_embed.pos_idx_to_embed" not in torch.load(
@@ -100,6 +102,26 @@ def test_image_features_and_logits_match_the_original(loaded, reference):
         logits = model(**inputs).logits
     vocabulary = reference["logits"].shape[-1]  # the converter appended `<image>` to the vocabulary
     torch.testing.assert_close(logits[..., :vocabulary], reference["logits"], atol=1e-4, rtol=0)
+
+
+def test_llava_llama_checkpoint_matches_the_original(tmp_path, reference):
+    """`llava_llama` with Llama-3.1's legacy rope_scaling, a BOS-adding tokenizer (two BOS, as the original fed) and
+    no vision_tower/pytorch_model.bin: converted with no flags, features and logits match the original's."""
+    result = convert(FIXTURE / "checkpoint-llama", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=reference["pixel_values"]).pooler_output
+    torch.testing.assert_close(features, reference["llama.image_features"], atol=1e-4, rtol=0)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": REFERENCE["question"]}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt", images=[images()[1]])
+    assert inputs["input_ids"][0].tolist() == expected_ids(REFERENCE["input_ids"]["llama3"], processor)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    vocabulary = reference["llama.logits"].shape[-1]
+    torch.testing.assert_close(logits[..., :vocabulary], reference["llama.logits"], atol=1e-4, rtol=0)
 
 
 def test_generation_is_greedy_and_cli_pipeline_and_card_agree(converted, loaded):
@@ -134,7 +156,7 @@ def test_generation_is_greedy_and_cli_pipeline_and_card_agree(converted, loaded)
 def test_chat_templates_give_the_original_ids(family):
     """Our templates + processor give the original `tokenizer_image_token` ids, on both the string path and the
     `tokenize=True` path (pipeline), for a tokenizer that adds BOS (llama3) and one that does not (phi3)."""
-    folder = FIXTURE / ("tokenizers/llama3" if family == "llama3" else "checkpoint")
+    folder = FIXTURE / ("checkpoint-llama" if family == "llama3" else "checkpoint")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     processor = FlorenceVLProcessor(image_processor=florence2_image_processor(64), tokenizer=tokenizer,
