@@ -230,7 +230,9 @@ def check_complete(model_config: FlorenceVLConfig, state_dict: dict[str, torch.T
     wrong = {key: (tuple(state_dict[key].shape), tuple(expected[key].shape)) for key in expected
              if key in state_dict and state_dict[key].shape != expected[key].shape}
     if wrong:
-        raise ValueError(f"Weights of {where} have shapes that do not fit the config (got, expected): {wrong}.")
+        raise ValueError(f"Weights of {where} have shapes that do not fit the config (got, expected): {wrong}. "
+                         "If the Florence-2 or LLM config is not the one these weights were trained with, pass the "
+                         "right one (e.g. --florence2-config).")
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -284,7 +286,7 @@ def projector_depth_from_llava(llava: dict) -> int:
     projector = llava.get("mm_projector_type", "")
     match = re.fullmatch(r"mlp(\d+)x_gelu", projector)
     if match is None:
-        raise ValueError(f"mm_projector_type={projector!r} is not supported; Florence-VL checkpoints use "
+        raise ValueError(f"config.json: mm_projector_type={projector!r} is not supported; Florence-VL checkpoints use "
                          "'mlp<N>x_gelu' (DBFusion channel concat followed by an N-layer GELU MLP).")
     return int(match.group(1))
 
@@ -618,7 +620,8 @@ def convert_original(
         tokenizer = load_original_tokenizer(src)
         image_token_id = add_image_token(tokenizer, report)
     elif image_token_id is None:
-        raise ValueError(f"{src} has no tokenizer: pass image_token_id (the id of `<image>` in your tokenizer).")
+        raise ValueError(f"{src} has no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json): "
+                         "pass --image-token-id (image_token_id=), the id of `<image>` in your tokenizer.")
     config = FlorenceVLConfig(
         vision_config=vision_config, text_config=text_config, image_token_id=image_token_id, image_size=image_size,
         vision_prompts=DEFAULT_VISION_PROMPTS, vision_prompt_ids=DEFAULT_VISION_PROMPT_IDS,
