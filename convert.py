@@ -311,10 +311,11 @@ def original_florence2_config(src: Path, llava: dict, florence2_config: str | No
         return _read_json(path), str(path)
     large = FLORENCE2_LARGE_ORIGINAL["vision_config"]["projection_dim"]
     if llava.get("mm_hidden_size") == large:
-        return FLORENCE2_LARGE_ORIGINAL, f"the built-in Florence-2-large config ({src / 'config.json'}: mm_hidden_size={large})"
+        where = f"the built-in Florence-2-large config ({src / 'config.json'}: mm_hidden_size={large})"
+        return FLORENCE2_LARGE_ORIGINAL, where
     raise ValueError(f"{src}: no vision_tower/config.json, and {src / 'config.json'} has mm_hidden_size="
-                     f"{llava.get('mm_hidden_size')!r} (Florence-2-large's is {large}); pass --florence2-config with the "
-                     "original Florence-2 config.json the checkpoint was trained with.")
+                     f"{llava.get('mm_hidden_size')!r} (Florence-2-large's is {large}); pass --florence2-config with "
+                     "the original Florence-2 config.json the checkpoint was trained with.")
 
 
 def original_preprocessing(src: Path, llava: dict, image_size: int | None) -> tuple[int, str, list[str]]:
