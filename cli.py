@@ -149,7 +149,8 @@ def convert(args) -> None:
     from florence_vl.convert import convert_original
 
     try:
-        print(convert_original(args.src, args.dst).summary())
+        print(convert_original(args.src, args.dst, image_size=args.image_size, florence2_config=args.florence2_config,
+                               image_token_id=args.image_token_id, base_models=args.base_model).summary())
     except ValueError as error:
         raise UsageError(str(error)) from error
 
@@ -200,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser = commands.add_parser("convert", help="convert an original Florence-VL checkpoint")
     convert_parser.add_argument("src")
     convert_parser.add_argument("dst")
+    convert_parser.add_argument("--florence2-config", help="original Florence-2 config.json (default: "
+                                "SRC/vision_tower/config.json, else Florence-2-large's when mm_hidden_size is 1024)")
+    convert_parser.add_argument("--image-size", type=int, help="default: SRC/vision_tower/preprocessor_config.json")
+    convert_parser.add_argument("--image-token-id", type=int, help="id of <image> when SRC has no tokenizer")
+    convert_parser.add_argument("--base-model", action="append", default=[], help="Hub id for the model card's "
+                                "base_model (repeatable)")
     convert_parser.set_defaults(run=convert)
 
     demo_parser = commands.add_parser("demo", help="serve a web demo (Gradio) in the browser")

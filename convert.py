@@ -57,7 +57,15 @@ from transformers import (
 
 from .configuration_florence_vl import DEFAULT_VISION_PROMPT_IDS, DEFAULT_VISION_PROMPTS, FlorenceVLConfig
 from .modeling_florence_vl import FlorenceVLForConditionalGeneration
-from .processing_florence_vl import CHAT_TEMPLATES, FlorenceVLProcessor, florence2_image_processor
+from .processing_florence_vl import (
+    CHAT_TEMPLATES,
+    IMAGE_ASPECT_RATIOS,
+    ORIGINAL_MODEL_TYPES,
+    FlorenceVLProcessor,
+    chat_family,
+    end_of_turn_ids,
+    florence2_image_processor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +119,8 @@ LLAVA_RULES: tuple[Rule, ...] = (
     (r"model\.(.+)", r"model.language_model.\1"),
     (r"lm_head\.weight", "lm_head.weight"),
 )
-VISION_PREFIX = "model.vision_tower.vision_tower."
-
-# model_type of the original config -> (model_type of the LLM, chat template family)
-LLAVA_MODEL_TYPES = {"llava_phi": ("phi3", "phi3"), "llava_llama": ("llama", "llama3")}
-CHAT_FAMILIES = {"phi3": "phi3", "llama": "llama3"}
-END_OF_TURN = {"phi3": "<|end|>", "llama3": "<|eot_id|>"}
+# Where the Florence-2 remote-code model sits inside an original LLaVA-layout state dict.
+ORIGINAL_VISION_PREFIX = "model.vision_tower.vision_tower."
 # The Florence-2 config the released checkpoints were trained on (microsoft/Florence-2-large, config.json).
 FLORENCE2_LARGE_ORIGINAL = {
     "vision_config": {
@@ -226,26 +230,33 @@ def check_complete(model_config: FlorenceVLConfig, state_dict: dict[str, torch.T
     wrong = {key: (tuple(state_dict[key].shape), tuple(expected[key].shape)) for key in expected
              if key in state_dict and state_dict[key].shape != expected[key].shape}
     if wrong:
-        raise ValueError(f"Weights of {where} have shapes that do not fit the config (got, expected): {wrong}.")
+        raise ValueError(f"Weights of {where} have shapes that do not fit the config (got, expected): {wrong}. "
+                         "If the Florence-2 or LLM config is not the one these weights were trained with, pass the "
+                         "right one (e.g. --florence2-config).")
 
 
 # ----------------------------------------------------------------------------------------------- configs
 
 
-def florence2_config_from_original(original: dict) -> Florence2Config:
-    """The Florence-2 remote-code config (`vision_config.model_type == "davit"`) as transformers' native config."""
-    vision, text = original["vision_config"], original["text_config"]
-    expected = {"model_type": "davit", "visual_temporal_embedding.type": "COSINE",
-                "image_pos_embed.type": "learned_abs_2d",
+def florence2_config_from_original(original: dict, where: str = "the Florence-2 config") -> Florence2Config:
+    """The Florence-2 remote-code config (a DaViT `vision_config` with `dim_embed`) as transformers' native config.
+
+    The vision `model_type` is not checked: the original training code (transformers 4.43) saved it as `""`."""
+    vision, text = original.get("vision_config"), original.get("text_config")
+    if not isinstance(vision, dict) or not isinstance(text, dict) or "dim_embed" not in vision:
+        raise ValueError(f"{where}: not an original Florence-2 config (needs `vision_config` with `dim_embed` and "
+                         "`text_config`); pass --florence2-config with microsoft/Florence-2-large's config.json.")
+    expected = {"visual_temporal_embedding.type": "COSINE", "image_pos_embed.type": "learned_abs_2d",
                 "image_feature_source": ["spatial_avg_pool", "temporal_avg_pool"]}
-    found = {"model_type": vision.get("model_type", "davit"),
-             "visual_temporal_embedding.type": vision["visual_temporal_embedding"]["type"],
-             "image_pos_embed.type": vision["image_pos_embed"]["type"],
-             "image_feature_source": list(vision["image_feature_source"])}
-    unsupported = {key: value for key, value in found.items() if value != expected[key]}
-    if unsupported or text.get("add_final_layer_norm") or text.get("normalize_before"):
-        raise ValueError(f"Unsupported Florence-2 vision/text config values {unsupported or text}; transformers' "
-                         f"native Florence-2 supports {expected} and a post-norm BART without final layer norm.")
+    found = {"visual_temporal_embedding.type": vision.get("visual_temporal_embedding", {}).get("type"),
+             "image_pos_embed.type": vision.get("image_pos_embed", {}).get("type"),
+             "image_feature_source": list(vision.get("image_feature_source", []))}
+    unsupported = {f"vision_config.{key}": value for key, value in found.items() if value != expected[key]}
+    unsupported.update({f"text_config.{key}": True for key in ("add_final_layer_norm", "normalize_before")
+                        if text.get(key)})
+    if unsupported:
+        raise ValueError(f"{where}: unsupported Florence-2 config values {unsupported}; transformers' native "
+                         f"Florence-2 supports {expected} and a post-norm BART without final layer norm.")
     native_vision = {key: vision[key] for key in ("depths", "patch_size", "patch_stride", "patch_padding",
                                                   "patch_prenorm", "num_heads", "num_groups", "window_size",
                                                   "drop_path_rate", "projection_dim", "mlp_ratio", "qkv_bias")
@@ -261,10 +272,10 @@ def florence2_config_from_original(original: dict) -> Florence2Config:
 
 def text_config_from_llava(llava: dict) -> tuple[dict, str]:
     """The LLM config inside a LLaVA-layout config (LLaVA keys removed) and its chat template family."""
-    if llava.get("model_type") not in LLAVA_MODEL_TYPES:
+    if llava.get("model_type") not in ORIGINAL_MODEL_TYPES:
         raise ValueError(f"config.json has model_type={llava.get('model_type')!r}; expected one of "
-                         f"{sorted(LLAVA_MODEL_TYPES)} (an original Florence-VL checkpoint).")
-    model_type, family = LLAVA_MODEL_TYPES[llava["model_type"]]
+                         f"{sorted(ORIGINAL_MODEL_TYPES)} (an original Florence-VL checkpoint).")
+    model_type, family = ORIGINAL_MODEL_TYPES[llava["model_type"]]
     llava_only = ("architectures", "auto_map", "_name_or_path", "transformers_version", "model_type", "vision_tower")
     text = {key: value for key, value in llava.items() if key not in llava_only and "mm_" not in key
             and not key.startswith(("tokenizer_", "image_"))}
@@ -275,7 +286,7 @@ def projector_depth_from_llava(llava: dict) -> int:
     projector = llava.get("mm_projector_type", "")
     match = re.fullmatch(r"mlp(\d+)x_gelu", projector)
     if match is None:
-        raise ValueError(f"mm_projector_type={projector!r} is not supported; Florence-VL checkpoints use "
+        raise ValueError(f"config.json: mm_projector_type={projector!r} is not supported; Florence-VL checkpoints use "
                          "'mlp<N>x_gelu' (DBFusion channel concat followed by an N-layer GELU MLP).")
     return int(match.group(1))
 
@@ -285,21 +296,74 @@ def _read_json(path: Path) -> dict:
         return json.load(file)
 
 
-def original_florence2_config(src: Path, llava: dict, florence2_config: str | None) -> dict:
-    """The original Florence-2 config: `florence2_config` (file or folder), `SRC/vision_tower/`, or the built-in
-    Florence-2-large config when `mm_vision_tower` names it."""
-    candidates = [Path(florence2_config)] if florence2_config else [src / "vision_tower"]
-    for candidate in candidates:
-        path = candidate / "config.json" if candidate.is_dir() else candidate
-        if path.is_file():
-            return _read_json(path)
+def original_florence2_config(src: Path, llava: dict, florence2_config: str | None) -> tuple[dict, str]:
+    """(the original Florence-2 config, where it came from): `florence2_config` (file or folder), else
+    `SRC/vision_tower/config.json` (what the original training code saves), else the built-in Florence-2-large
+    config when the projector width `mm_hidden_size` is Florence-2-large's (the weights' shapes are checked later)."""
     if florence2_config:
-        raise ValueError(f"florence2_config={florence2_config!r}: no Florence-2 config.json there.")
-    tower = str(llava.get("mm_vision_tower", ""))
-    if Path(tower).name.lower().startswith("florence-2-large"):
-        return FLORENCE2_LARGE_ORIGINAL
-    raise ValueError(f"Cannot find the Florence-2 config of {src} (mm_vision_tower={tower!r}): put the original "
-                     "Florence-2 config.json in SRC/vision_tower/ or pass florence2_config=PATH.")
+        path = Path(florence2_config)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ValueError(f"--florence2-config {florence2_config}: no Florence-2 config.json there.")
+        return _read_json(path), str(path)
+    path = src / "vision_tower" / "config.json"
+    if path.is_file():
+        return _read_json(path), str(path)
+    large = FLORENCE2_LARGE_ORIGINAL["vision_config"]["projection_dim"]
+    if llava.get("mm_hidden_size") == large:
+        where = f"the built-in Florence-2-large config ({src / 'config.json'}: mm_hidden_size={large})"
+        return FLORENCE2_LARGE_ORIGINAL, where
+    raise ValueError(f"{src}: no vision_tower/config.json, and {src / 'config.json'} has mm_hidden_size="
+                     f"{llava.get('mm_hidden_size')!r} (Florence-2-large's is {large}); pass --florence2-config with "
+                     "the original Florence-2 config.json the checkpoint was trained with.")
+
+
+def original_preprocessing(src: Path, llava: dict, image_size: int | None) -> tuple[int, str, list[str]]:
+    """(image_size, image_aspect_ratio, notes) of an original checkpoint.
+
+    `image_size` (when not given) and the normalisation come from `SRC/vision_tower/preprocessor_config.json`
+    (Florence-2's processor as the original saved it); `image_aspect_ratio` from config.json: "pad" pads,
+    "square" or none stretches (`process_images`' other branch), "anyres" is not supported."""
+    notes = []
+    path = src / "vision_tower" / "preprocessor_config.json"
+    if path.is_file():
+        saved = _read_json(path)
+        reference = florence2_image_processor()
+        for key in ("image_mean", "image_std"):
+            if key in saved and any(abs(a - b) > 1e-6 for a, b in zip(saved[key], getattr(reference, key))):
+                raise ValueError(f"{path}: {key}={saved[key]} differs from Florence-2's {list(getattr(reference, key))}"
+                                 "; this converter reproduces Florence-2's preprocessing only.")
+        if saved.get("resample", 3) != 3 or saved.get("do_center_crop"):
+            raise ValueError(f"{path}: resample={saved.get('resample')}, do_center_crop={saved.get('do_center_crop')}"
+                             "; Florence-2 resizes bicubic (3) without a centre crop.")
+        size = saved.get("size", {})
+        if image_size is None:
+            if not (isinstance(size, dict) and size.get("height") and size.get("height") == size.get("width")):
+                raise ValueError(f"{path}: size={size!r} is not a square height/width; pass --image-size.")
+            image_size = int(size["height"])
+    elif image_size is None:
+        image_size = 768
+        notes.append("no vision_tower/preprocessor_config.json: image size 768 (Florence-2-large's)")
+    ratio = llava.get("image_aspect_ratio") or "square"
+    if ratio not in ("pad", "square"):
+        raise ValueError(f"{src / 'config.json'}: image_aspect_ratio={ratio!r} is not supported; the original's "
+                         "'pad' and 'square' are (processor image_aspect_ratio 'pad' / 'resize').")
+    return image_size, "pad" if ratio == "pad" else "resize", notes
+
+
+def load_original_tokenizer(src: Path):
+    """The LLM tokenizer of an original checkpoint, read from its tokenizer files only.
+
+    `AutoTokenizer.from_pretrained(src)` would also read config.json, whose `llava_phi` / `llava_llama` type is
+    unknown to transformers and whose legacy `rope_scaling` breaks the generic config it falls back to."""
+    from transformers import PreTrainedConfig as _Config
+
+    try:
+        return AutoTokenizer.from_pretrained(src, config=_Config())
+    except Exception as error:  # any failure inside transformers: say which files and what to do
+        files = sorted(path.name for path in src.iterdir() if path.name.startswith(("tokenizer", "special_tokens")))
+        raise ValueError(f"{src}: cannot load the LLM tokenizer from {files} ({type(error).__name__}: {error}); "
+                         "fix or replace the tokenizer files, or remove them and pass --image-token-id.") from error
 
 
 # ----------------------------------------------------------------------------------------------- weights I/O
@@ -360,10 +424,7 @@ def fit_vocabulary(model: FlorenceVLForConditionalGeneration, size: int, report:
 def resolve_chat_template(chat_template: str | None, text_model_type: str) -> str:
     """A family name (`CHAT_TEMPLATES` key), a Jinja template, or None = the family of the LLM's model_type."""
     if chat_template is None:
-        if text_model_type not in CHAT_FAMILIES:
-            raise ValueError(f"No chat template is known for LLM model_type={text_model_type!r}; pass "
-                             f"chat_template= one of {sorted(CHAT_TEMPLATES)} or a Jinja template.")
-        chat_template = CHAT_FAMILIES[text_model_type]
+        chat_template = chat_family(text_model_type)
     if chat_template in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[chat_template]
     if "{%" not in chat_template and "{{" not in chat_template:
@@ -372,24 +433,28 @@ def resolve_chat_template(chat_template: str | None, text_model_type: str) -> st
     return chat_template
 
 
-def build_processor(tokenizer, config: FlorenceVLConfig, chat_template: str) -> FlorenceVLProcessor:
+def build_processor(tokenizer, config: FlorenceVLConfig, chat_template: str,
+                    image_aspect_ratio: str = "pad") -> FlorenceVLProcessor:
+    """The processor of a new model; "pad" (the original's aspect-ratio handling) unless told otherwise."""
+    if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r} must be one of {IMAGE_ASPECT_RATIOS}.")
     return FlorenceVLProcessor(image_processor=florence2_image_processor(config.image_size), tokenizer=tokenizer,
-                               chat_template=chat_template, num_image_tokens=config.num_image_tokens)
+                               chat_template=chat_template, num_image_tokens=config.num_image_tokens,
+                               image_aspect_ratio=image_aspect_ratio)
 
 
 def set_generation_defaults(model, tokenizer, generation_config: GenerationConfig | None = None) -> None:
-    """Start from the LLM's generation config; stop at end-of-turn tokens, pad with the pad id, never emit `<image>`."""
-    generation = generation_config or GenerationConfig.from_model_config(model.config.text_config)
-    eos = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
+    """Greedy decoding, as the original evaluated (temperature 0): stop at the LLM's EOS ids (from
+    `generation_config` if given) and every known end-of-turn token, pad with the pad id, never emit `<image>`.
+    Nothing else is inherited: an instruct LLM's sampling defaults (do_sample, temperature, top_p) are dropped."""
+    source = generation_config or GenerationConfig.from_model_config(model.config.text_config)
+    eos = source.eos_token_id if source.eos_token_id is not None else tokenizer.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    for token in END_OF_TURN.values():
-        token_id = tokenizer.get_vocab().get(token)
-        if token_id is not None and token_id not in eos:
-            eos.append(token_id)
-    generation.eos_token_id = eos
-    generation.pad_token_id = tokenizer.pad_token_id
-    generation.suppress_tokens = [model.config.image_token_id]
-    model.generation_config = generation
+    eos = list(dict.fromkeys(token for token in eos + end_of_turn_ids(tokenizer) if token is not None))
+    model.generation_config = GenerationConfig(
+        bos_token_id=source.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=[model.config.image_token_id], do_sample=False,
+    )
 
 
 def load_from_state_dict(config: FlorenceVLConfig, state_dict: dict, dtype) -> FlorenceVLForConditionalGeneration:
@@ -493,13 +558,18 @@ def _llm_weights(causal_lm) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------- original checkpoints
 
 
-def original_weights(src: Path, report: ConversionReport) -> dict[str, torch.Tensor]:
-    """SRC's weights under our names; vision weights from SRC itself or from `SRC/vision_tower/`."""
+def original_weights(src: Path, report: ConversionReport, config: FlorenceVLConfig | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """SRC's weights under our names; vision weights from SRC itself or from `SRC/vision_tower/`.
+
+    The original saves `vision_tower/pytorch_model.bin` from `named_parameters()`, without the constant
+    `pos_idx_to_embed` buffer: with `config`, it is recomputed (a function of the config only)."""
     source = read_weights(src)
     if not source:
         raise ValueError(f"{src} holds no *.safetensors or pytorch_model*.bin weights.")
-    vision = {key[len(VISION_PREFIX):]: source.pop(key) for key in list(source) if key.startswith(VISION_PREFIX)}
-    label = VISION_PREFIX
+    vision = {key[len(ORIGINAL_VISION_PREFIX):]: source.pop(key) for key in list(source)
+              if key.startswith(ORIGINAL_VISION_PREFIX)}
+    label = ORIGINAL_VISION_PREFIX
     if not vision and (src / "vision_tower").is_dir():
         vision, label = read_weights(src / "vision_tower"), "vision_tower/"
     vision_report = ConversionReport()
@@ -507,6 +577,12 @@ def original_weights(src: Path, report: ConversionReport) -> dict[str, torch.Ten
     report.dropped += [label + key for key in vision_report.dropped]
     report.unrecognised += [label + key for key in vision_report.unrecognised]
     renamed.update(rename_state_dict(source, LLAVA_RULES, report))
+    table = DAVIT_PROJECTOR + "visual_temporal_embed.pos_idx_to_embed"
+    if config is not None and vision and table not in renamed:
+        from transformers.models.florence2.modeling_florence2 import Florence2VisionPositionalEmbeddingCosine1D
+
+        renamed[table] = Florence2VisionPositionalEmbeddingCosine1D(config.vision_config).pos_idx_to_embed
+        report.notes.append(f"recomputed {label}visual_temporal_embed.pos_idx_to_embed (a constant of the config)")
     return renamed
 
 
@@ -514,19 +590,24 @@ def convert_original(
     src: str | Path,
     dst: str | Path,
     *,
-    image_size: int = 768,
+    image_size: int | None = None,
     florence2_config: str | None = None,
     image_token_id: int | None = None,
     max_shard_size: str = "5GB",
-    base_models: tuple[str, ...] | list[str] | None = None,
+    base_models: tuple[str, ...] | list[str] = (),
     license: str = "other",
 ) -> ConversionReport:
     """Convert an original Florence-VL checkpoint folder (LLaVA layout) into this package's format in `dst`.
 
-    Writes sharded safetensors, config (with the original prompt id rows, fed without a mask as the original
-    does), generation config, the three code files, the processor (if SRC has a tokenizer; `<image>` is added)
-    and README.md. Without a tokenizer in SRC, give `image_token_id` (the id your tokenizer uses for `<image>`).
-    Raises ValueError listing every model weight the checkpoint does not provide.
+    SRC as the original training code writes it: config.json (`llava_phi` / `llava_llama`, mm_* fields, legacy
+    `rope_scaling`), the weights, the LLM tokenizer files and `vision_tower/{config.json, preprocessor_config.json,
+    pytorch_model.bin}`. The Florence-2 config, image size and aspect-ratio handling are read from there
+    (`florence2_config` / `image_size` override them). Writes sharded safetensors, config (with the original prompt
+    id rows, fed without a mask as the original does), a greedy generation config, the three code files, the
+    processor (if SRC has a tokenizer; `<image>` is added; the chat template of the LLM family with the original
+    system prompt) and README.md (`base_models` go into its metadata; `mm_vision_tower`, a path on the machine
+    that trained the model, does not). Without a tokenizer in SRC, give `image_token_id`.
+    Raises ValueError naming the file and field at fault.
     """
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
@@ -534,24 +615,28 @@ def convert_original(
                          "`hf download jiuhai/florence-vl-8b-sft --local-dir SRC`.")
     llava = _read_json(src / "config.json")
     text_config, family = text_config_from_llava(llava)
-    vision_config = florence2_config_from_original(original_florence2_config(src, llava, florence2_config))
+    vision_config = florence2_config_from_original(*original_florence2_config(src, llava, florence2_config))
     projection_dim = vision_config.vision_config.projection_dim
     if llava.get("mm_hidden_size", projection_dim) != projection_dim:
-        raise ValueError(f"mm_hidden_size={llava['mm_hidden_size']} differs from the Florence-2 projection_dim "
-                         f"{projection_dim}.")
+        raise ValueError(f"{src / 'config.json'}: mm_hidden_size={llava['mm_hidden_size']} differs from the "
+                         f"Florence-2 projection_dim {projection_dim}; pass --florence2-config with the Florence-2 "
+                         "config the checkpoint was trained with.")
     report = ConversionReport()
+    image_size, aspect_ratio, notes = original_preprocessing(src, llava, image_size)
+    report.notes += notes
     tokenizer = None
     if _has_tokenizer(src):
-        tokenizer = AutoTokenizer.from_pretrained(src)
+        tokenizer = load_original_tokenizer(src)
         image_token_id = add_image_token(tokenizer, report)
     elif image_token_id is None:
-        raise ValueError(f"{src} has no tokenizer: pass image_token_id (the id of `<image>` in your tokenizer).")
+        raise ValueError(f"{src} has no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json): "
+                         "pass --image-token-id (image_token_id=), the id of `<image>` in your tokenizer.")
     config = FlorenceVLConfig(
         vision_config=vision_config, text_config=text_config, image_token_id=image_token_id, image_size=image_size,
         vision_prompts=DEFAULT_VISION_PROMPTS, vision_prompt_ids=DEFAULT_VISION_PROMPT_IDS,
         projector_depth=projector_depth_from_llava(llava), projector_hidden_act="gelu", fusion_mode="channel_concat",
     )
-    state_dict = original_weights(src, report)
+    state_dict = original_weights(src, report, config)
     check_complete(config, state_dict, str(src))
     report.loaded = len(state_dict)
     model = load_from_state_dict(config, state_dict, state_dict["model.language_model.embed_tokens.weight"].dtype)
@@ -560,10 +645,9 @@ def convert_original(
     generation = GenerationConfig.from_pretrained(src) if (src / "generation_config.json").is_file() else None
     if tokenizer is not None:
         set_generation_defaults(model, tokenizer, generation)
-    processor = build_processor(tokenizer, config, CHAT_TEMPLATES[family]) if tokenizer is not None else None
-    towers = [str(llava["mm_vision_tower"])] if "mm_vision_tower" in llava else []
-    save_for_hub(model, processor, dst, base_models=base_models if base_models is not None else towers,
-                 license=license, max_shard_size=max_shard_size)
+    processor = (build_processor(tokenizer, config, CHAT_TEMPLATES[family], aspect_ratio)
+                 if tokenizer is not None else None)
+    save_for_hub(model, processor, dst, base_models=base_models, license=license, max_shard_size=max_shard_size)
     return report
 
 
@@ -645,16 +729,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m florence_vl.convert", description=convert_original.__doc__)
     parser.add_argument("src", help="original Florence-VL checkpoint folder (LLaVA layout)")
     parser.add_argument("dst", help="output folder")
-    parser.add_argument("--image-size", type=int, default=768)
+    parser.add_argument("--image-size", type=int, help="default: from SRC/vision_tower/preprocessor_config.json")
     parser.add_argument("--florence2-config", help="original Florence-2 config.json (or its folder)")
     parser.add_argument("--image-token-id", type=int, help="id of <image> when SRC has no tokenizer")
     parser.add_argument("--max-shard-size", default="5GB")
     parser.add_argument("--license", default="other")
+    parser.add_argument("--base-model", action="append", default=[], help="Hub id for the card's base_model "
+                        "metadata (repeatable); the checkpoint's machine-local mm_vision_tower is never used")
     args = parser.parse_args(argv)
     try:
         report = convert_original(args.src, args.dst, image_size=args.image_size,
                                   florence2_config=args.florence2_config, image_token_id=args.image_token_id,
-                                  max_shard_size=args.max_shard_size, license=args.license)
+                                  max_shard_size=args.max_shard_size, license=args.license,
+                                  base_models=args.base_model)
     except ValueError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ import os
 import numpy as np  # a hard dependency of transformers
 import torch
 from transformers import CLIPImageProcessorPil
-from transformers.image_utils import load_image
+from transformers.image_utils import PILImageResampling, load_image
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import is_vision_available
 
@@ -16,35 +16,94 @@ if is_vision_available():
 FLORENCE2_IMAGE_MEAN = (0.485, 0.456, 0.406)
 FLORENCE2_IMAGE_STD = (0.229, 0.224, 0.225)
 
-# Chat templates of the LLM families the paper uses. `{% generation %}` marks what the assistant says
-# (content and end-of-turn token) so that TRL's `assistant_only_loss` can build its mask.
+# What the original Florence-VL code fed its LLMs (llava/conversation.py and llava/mm_utils.py), one home for
+# every part of the package that needs to know a chat family.
+DEFAULT_SYSTEM_PROMPTS = {
+    "phi3": "You are a helpful AI assistant.",
+    "llama3": "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+              "detailed, and polite answers to the user's questions.",
+}
+# The token that ends a turn, per family: generation stops there.
+END_OF_TURN = {"phi3": "<|end|>", "llama3": "<|eot_id|>", "plain": None}
+# LLM `model_type` -> chat family; LLaVA-layout `model_type` of the original checkpoints -> (LLM model_type, family).
+CHAT_FAMILY_OF_MODEL_TYPE = {"phi3": "phi3", "llama": "llama3"}
+ORIGINAL_MODEL_TYPES = {"llava_phi": ("phi3", "phi3"), "llava_llama": ("llama", "llama3")}
+
+# Content: every image first (`<image>` and a newline each, as the original puts the image before the first user
+# turn's text), then the text items. `{% generation %}` marks what the assistant says (content and end-of-turn
+# token) so that TRL's `assistant_only_loss` can build its mask.
 _RENDER_CONTENT = (
     "{%- macro render(content) -%}{%- if content is string -%}{{ content }}{%- else -%}"
-    "{%- for item in content -%}{%- if item['type'] == 'image' -%}{{ '<image>\n' }}"
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+    "{%- for item in content if item['type'] == 'image' -%}{{ '<image>\n' }}{%- endfor -%}"
+    "{%- for item in content if item['type'] == 'text' -%}{{ item['text'] }}{%- endfor -%}"
+    "{%- endif -%}{%- endmacro -%}"
+)
+# A user-given system message replaces the family's default system prompt.
+_SYSTEM = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = render(messages[0]['content']) -%}"
+    "{%- set messages = messages[1:] -%}{%- else -%}{%- set system = default_system -%}{%- endif -%}"
 )
 CHAT_TEMPLATES = {
-    "phi3": _RENDER_CONTENT
-    + "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}{{ '<|assistant|>\n' }}"
-    "{% generation %}{{ render(message['content']) }}{{ '<|end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{%- else -%}{{ '<|' + message['role'] + '|>\n' }}{{ render(message['content']) }}{{ '<|end|>\n' }}{%- endif -%}"
-    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}",
-    "llama3": _RENDER_CONTENT
-    + "{{ bos_token }}{%- for message in messages -%}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{% generation %}{{ render(message['content']) }}{{ '<|eot_id|>' }}{% endgeneration %}"
-    "{%- else -%}{{ render(message['content']) }}{{ '<|eot_id|>' }}{%- endif -%}"
+    # conv_phi3_instruct: system + "<|end|>", then "\n<|role|>\n" + message + "<|end|>" per turn.
+    "phi3": _RENDER_CONTENT + "{%- set default_system = " + repr(DEFAULT_SYSTEM_PROMPTS["phi3"]) + " -%}" + _SYSTEM
+    + "{{ '<|system|>\n' + system + '<|end|>' }}"
+    "{%- for message in messages -%}{{ '\n<|' + message['role'] + '|>\n' }}"
+    "{%- if message['role'] == 'assistant' -%}{% generation %}{{ render(message['content']) + '<|end|>' }}"
+    "{% endgeneration %}{%- else -%}{{ render(message['content']) + '<|end|>' }}{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '\n<|assistant|>\n' }}{%- endif -%}",
+    # conv_llama3: the tokenizer's BOS, then the system string, which starts with a literal <|begin_of_text|>
+    # (the original fed two BOS tokens; the processor adds no third one to a text that starts with BOS).
+    "llama3": _RENDER_CONTENT + "{%- set default_system = " + repr(DEFAULT_SYSTEM_PROMPTS["llama3"]) + " -%}"
+    + _SYSTEM + "{{ bos_token + '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n' + system "
+    "+ '<|eot_id|>' }}"
+    "{%- for message in messages -%}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{%- if message['role'] == 'assistant' -%}{% generation %}{{ render(message['content']) + '<|eot_id|>' }}"
+    "{% endgeneration %}{%- else -%}{{ render(message['content']) + '<|eot_id|>' }}{%- endif -%}"
     "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
     "{%- endif -%}",
+    # conv_llava_plain (stage 1): the image, then the caption and "\n"; the user turn holds only the image.
+    "plain": "{%- for message in messages if message['role'] != 'system' -%}"
+    "{%- if message['role'] == 'assistant' -%}{% generation %}{{ (message['content'] if message['content'] is string "
+    "else message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) + '\n' }}"
+    "{% endgeneration %}{%- elif message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] if item['type'] == 'image' -%}{{ '<image>' }}{%- endfor -%}"
+    "{%- endif -%}{%- endfor -%}",
 }
+IMAGE_ASPECT_RATIOS = ("pad", "resize")
+
+
+def chat_family(model_type: str) -> str:
+    """The chat family (`CHAT_TEMPLATES` key) of an LLM `model_type`."""
+    if model_type not in CHAT_FAMILY_OF_MODEL_TYPE:
+        raise ValueError(f"No chat template is known for LLM model_type={model_type!r}; known: "
+                         f"{sorted(CHAT_FAMILY_OF_MODEL_TYPE)}. Pass chat_template= one of {sorted(CHAT_TEMPLATES)} "
+                         "or a Jinja template.")
+    return CHAT_FAMILY_OF_MODEL_TYPE[model_type]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Ids of every family's end-of-turn token that `tokenizer` knows."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[token] for token in END_OF_TURN.values() if token is not None and token in vocab]
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """The original `expand2square`: paste `image` centred on a square of `background` (offsets rounded down)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), background)
+    result.paste(image, ((side - width) // 2, (side - height) // 2))
+    return result
 
 
 def florence2_image_processor(image_size: int = 768) -> CLIPImageProcessorPil:
-    """Florence-2 preprocessing: bicubic resize to a square `image_size`, rescale, ImageNet mean/std."""
+    """Florence-2 preprocessing (microsoft/Florence-2-large preprocessor_config.json): bicubic resize to a square
+    `image_size`, rescale by 1/255, ImageNet mean/std, no centre crop."""
     return CLIPImageProcessorPil(
-        size={"height": image_size, "width": image_size}, do_center_crop=False,
+        size={"height": image_size, "width": image_size}, resample=PILImageResampling.BICUBIC, do_resize=True,
+        do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
         image_mean=list(FLORENCE2_IMAGE_MEAN), image_std=list(FLORENCE2_IMAGE_STD),
     )
 
@@ -129,12 +188,23 @@ class FlorenceVLProcessor(ProcessorMixin):
         chat_template (`str`, *optional*): e.g. `CHAT_TEMPLATES["phi3"]`.
         num_image_tokens (`int`): placeholders per image, `FlorenceVLConfig.num_image_tokens`.
         image_token (`str`): the placeholder text.
+        image_aspect_ratio (`str`): "pad" (the original Florence-VL, the default: a non-square image is centred on
+            a square of the image mean colour, ImageNet mean x 255 = (123, 116, 103), before the resize) or "resize"
+            (stretched to the square). A saved processor without this field predates it and was used with
+            "resize", which it keeps.
+
+    A text that already starts with the tokenizer's BOS token gets no second one (unless `add_special_tokens` is
+    given), so `processor(text=apply_chat_template(...))` and `apply_chat_template(..., tokenize=True)` give the
+    same ids.
     """
 
     attributes = ["image_processor", "tokenizer"]
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_image_tokens: int = 577,
-                 image_token: str = "<image>", **kwargs):
+                 image_token: str = "<image>", image_aspect_ratio: str = "pad", **kwargs):
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r} must be one of {IMAGE_ASPECT_RATIOS}.")
+        self.image_aspect_ratio = image_aspect_ratio
         if num_image_tokens < 1:
             raise ValueError(f"num_image_tokens={num_image_tokens} must be >= 1 (FlorenceVLConfig.num_image_tokens).")
         self.num_image_tokens = num_image_tokens
@@ -147,6 +217,15 @@ class FlorenceVLProcessor(ProcessorMixin):
                 "model's embeddings (model.resize_token_embeddings(len(tokenizer)))."
             )
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
+        """A saved processor without `image_aspect_ratio` was saved before the option existed: "resize"."""
+        return super().from_args_and_dict(args, {"image_aspect_ratio": "resize", **processor_dict}, **kwargs)
+
+    def background_colour(self) -> tuple[int, ...]:
+        """The padding colour of "pad": the image processor's mean x 255, rounded down as the original does."""
+        return tuple(int(value * 255) for value in self.image_processor.image_mean)
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         if videos is not None and len(videos) == 0:  # lmms-eval passes empty lists
@@ -165,13 +244,19 @@ class FlorenceVLProcessor(ProcessorMixin):
         if isinstance(images, (list, tuple)):
             return [self._convert_images(item, f"{where}[{index}]") for index, item in enumerate(images)]
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-            return [to_rgb(image, f"{where}[{index}]") for index, image in enumerate(images)]
-        return to_rgb(images, where)
+            return [self._convert_images(image, f"{where}[{index}]") for index, image in enumerate(images)]
+        image = to_rgb(images, where)
+        return expand_to_square(image, self.background_colour()) if self.image_aspect_ratio == "pad" else image
 
     def __call__(self, images=None, text=None, videos=None, audio=None, audios=None, **kwargs):
         """`audios` is the old name of `audio` that lmms-eval still passes (empty); anything else is refused."""
         if audios is not None and len(audios) > 0:
             raise ValueError("Florence-VL takes images and text only; got audios.")
+        bos = getattr(self.tokenizer, "bos_token", None)
+        texts = [text] if isinstance(text, str) else text
+        if ("add_special_tokens" not in kwargs and bos and isinstance(texts, (list, tuple)) and texts
+                and all(isinstance(item, str) and item.startswith(bos) for item in texts)):
+            kwargs["add_special_tokens"] = False  # the chat template already wrote the BOS token
         return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
@@ -208,4 +293,5 @@ class FlorenceVLProcessor(ProcessorMixin):
 
 FlorenceVLProcessor.register_for_auto_class()
 
-__all__ = ["FlorenceVLProcessor", "CHAT_TEMPLATES", "florence2_image_processor", "to_rgb"]
+__all__ = ["CHAT_TEMPLATES", "DEFAULT_SYSTEM_PROMPTS", "END_OF_TURN", "FlorenceVLProcessor", "chat_family",
+           "end_of_turn_ids", "expand_to_square", "florence2_image_processor", "to_rgb"]

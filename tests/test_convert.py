@@ -62,6 +62,7 @@ def parts(tmp_path_factory):
     tokenizer = llm_tokenizer_without_image_token()
     text_config = AutoConfig.for_model(**dict(TEXT_CONFIGS["llama"], vocab_size=len(tokenizer)))
     llm = AutoModelForCausalLM.from_config(text_config)
+    llm.generation_config.do_sample, llm.generation_config.temperature = True, 0.6  # an instruct LLM's defaults
     llm.save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     return root, florence.eval(), llm.eval()
@@ -90,6 +91,10 @@ def test_from_pretrained_parts_copies_the_parts_and_adds_the_image_token(parts, 
                        theirs["model.language_model.shared.weight"])
     assert not any("decoder" in key for key in ours)
     assert any(key.startswith("model.language_model.decoder.") for key in model.conversion_report.dropped)
+
+    generation = model.generation_config  # greedy, as the original evaluated: no inherited sampling defaults
+    assert generation.do_sample is False and generation.temperature in (None, 1.0)
+    assert processor.image_aspect_ratio == "pad"  # new models pad like the original
 
     image_id = processor.image_token_id
     assert image_id == model.config.image_token_id == 264 and model.conversion_report.vocab_resized == (264, 265)

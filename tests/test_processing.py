@@ -251,18 +251,24 @@ CONVERSATION = [
     {"role": "user", "content": [{"type": "text", "text": "Sure?"}]},
     {"role": "assistant", "content": "Yes."},
 ]
-RENDERED = {
-    "phi3": "<|user|>\n<image>\nWhat is it?<|end|>\n<|assistant|>\nA cat.<|end|>\n"
-            "<|user|>\nSure?<|end|>\n<|assistant|>\nYes.<|end|>\n",
-    "llama3": "<s><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|>"
+PHI3_SYSTEM = "<|system|>\nYou are a helpful AI assistant.<|end|>"
+LLAMA3_SYSTEM = ("<s><|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user and "
+                 "an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to "
+                 "the user's questions.<|eot_id|>")
+RENDERED = {  # the original's conversation templates (llava/conversation.py); tests/test_fidelity.py checks ids
+    "phi3": PHI3_SYSTEM + "\n<|user|>\n<image>\nWhat is it?<|end|>\n<|assistant|>\nA cat.<|end|>"
+            "\n<|user|>\nSure?<|end|>\n<|assistant|>\nYes.<|end|>",
+    "llama3": LLAMA3_SYSTEM + "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|>"
               "<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>"
               "<|start_header_id|>user<|end_header_id|>\n\nSure?<|eot_id|>"
               "<|start_header_id|>assistant<|end_header_id|>\n\nYes.<|eot_id|>",
+    "plain": "<image>A cat.\nYes.\n",  # stage 1: the image, then what the assistant says; user text is dropped
 }
-GENERATION_PROMPT = {"phi3": "<|user|>\n<image>\nWhat is it?<|end|>\n<|assistant|>\n",
-                     "llama3": "<s><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|>"
-                               "<|start_header_id|>assistant<|end_header_id|>\n\n"}
-END_OF_TURN = {"phi3": "<|end|>", "llama3": "<|eot_id|>"}
+GENERATION_PROMPT = {"phi3": PHI3_SYSTEM + "\n<|user|>\n<image>\nWhat is it?<|end|>\n<|assistant|>\n",
+                     "llama3": LLAMA3_SYSTEM + "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?"
+                               "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+                     "plain": "<image>"}
+END_OF_TURN = {"phi3": "<|end|>", "llama3": "<|eot_id|>", "plain": "\n"}
 
 
 def with_image(conversation: list[dict], image: Image.Image) -> list[dict]:
@@ -271,7 +277,7 @@ def with_image(conversation: list[dict], image: Image.Image) -> list[dict]:
     return [{**first, "content": content}, *rest]
 
 
-@pytest.mark.parametrize("family", ["phi3", "llama3"])
+@pytest.mark.parametrize("family", ["phi3", "llama3", "plain"])
 def test_chat_template_renders_with_generation_markers(family):
     processor = tiny_processor(family=family)
     assert "{% generation %}" in processor.chat_template and "{% endgeneration %}" in processor.chat_template
@@ -280,7 +286,7 @@ def test_chat_template_renders_with_generation_markers(family):
     assert prompt == GENERATION_PROMPT[family]
 
 
-@pytest.mark.parametrize("family", ["phi3", "llama3"])
+@pytest.mark.parametrize("family", ["phi3", "llama3", "plain"])
 def test_assistant_mask_covers_exactly_the_answers_after_expansion(family):
     """As TRL's SFTTrainer calls it (right padding, no added special tokens, assistant_only_loss)."""
     processor = tiny_processor(family=family)
@@ -300,7 +306,8 @@ def test_assistant_mask_covers_exactly_the_answers_after_expansion(family):
     assert output["pixel_values"].shape == (2, *IMAGE_SHAPE)
 
 
-def test_llama3_template_has_one_bos_with_a_bos_adding_tokenizer():
+def test_llama3_template_bos_is_not_doubled_by_the_processor():
+    """The template writes the BOS token; neither the string path nor the tokenize=True path adds another."""
     tokenizer = tiny_tokenizer()
     tokenizer._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
     assert tokenizer("hi")["input_ids"][0] == BOS_ID
@@ -312,6 +319,8 @@ def test_llama3_template_has_one_bos_with_a_bos_adding_tokenizer():
         ids = processor.apply_chat_template([conversation], tokenize=True, return_dict=True, return_tensors="pt",
                                             **kwargs)["input_ids"][0]
         assert ids[0] == BOS_ID and (ids == BOS_ID).sum() == 1, processor_kwargs
+    prompt = processor.apply_chat_template([conversation], add_generation_prompt=False)[0]
+    assert processor(text=prompt, images=gradient_image())["input_ids"][0] == ids.tolist()
 
 
 # ------------------------------------------------------------------------------------------------- save and load
@@ -368,3 +377,80 @@ def test_processor_round_trip_in_a_fresh_process(processor, tmp_path):
     assert report["chat_template"] == processor.chat_template
     assert report["tokenizer_ids"] == [IMAGE_TOKEN_ID] + processor.tokenizer.encode("hi")
     assert report["padding_side"] == "left"
+
+
+# ------------------------------------------------------------------------------------- preprocessing constants
+
+
+def reference_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """Florence-2's preprocessing written out with its constants (microsoft/Florence-2-large
+    preprocessor_config.json): pad to a square of ImageNet mean x 255 rounded down, bicubic resize, /255, ImageNet
+    mean/std, no centre crop."""
+    width, height = image.size
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), (123, 116, 103))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    array = np.asarray(square.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64) / 255
+    array = (array - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    return torch.from_numpy(array.transpose(2, 0, 1)).float()
+
+
+def test_florence2_preprocessing_constants_are_pinned():
+    """Size, bicubic resampling, rescaling, ImageNet mean/std, no centre crop and the pad colour: a change to any of
+    them (e.g. CLIP's mean/std or nearest resampling) changes these pixels."""
+    image_processor = florence2_image_processor()
+    assert image_processor.size == {"height": 768, "width": 768}
+    processor = FlorenceVLProcessor(image_processor=florence2_image_processor(64), tokenizer=tiny_tokenizer(),
+                                    num_image_tokens=NUM_IMAGE_TOKENS)
+    assert processor.background_colour() == (123, 116, 103)
+    for size in [(40, 30), (30, 40), (64, 64), (200, 50)]:
+        image = gradient_image(size)
+        torch.testing.assert_close(pixel_values(processor, image)[0], reference_pixels(image, 64),
+                                   atol=1e-5, rtol=0)
+
+
+def test_pad_is_the_default_and_resize_stretches():
+    tokenizer = tiny_tokenizer()
+    padded = FlorenceVLProcessor(image_processor=florence2_image_processor(64), tokenizer=tokenizer,
+                                 num_image_tokens=NUM_IMAGE_TOKENS)
+    stretched = FlorenceVLProcessor(image_processor=florence2_image_processor(64), tokenizer=tokenizer,
+                                    num_image_tokens=NUM_IMAGE_TOKENS, image_aspect_ratio="resize")
+    assert padded.image_aspect_ratio == "pad"
+    image = gradient_image((60, 20))
+    expected = florence2_image_processor(64)(images=image, return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixel_values(stretched, image), expected)
+    assert (pixel_values(padded, image) - expected).abs().max() > 0.5
+    square = gradient_image((50, 50))
+    assert torch.equal(pixel_values(padded, square), pixel_values(stretched, square))
+    with pytest.raises(ValueError, match="image_aspect_ratio='crop'"):
+        FlorenceVLProcessor(image_processor=florence2_image_processor(64), tokenizer=tokenizer,
+                            image_aspect_ratio="crop")
+
+
+def test_saved_aspect_ratio_round_trips_and_old_processors_keep_resizing(tmp_path):
+    from transformers import AutoProcessor
+
+    for ratio in ("pad", "resize"):
+        processor = FlorenceVLProcessor(image_processor=florence2_image_processor(64), tokenizer=tiny_tokenizer(),
+                                        num_image_tokens=NUM_IMAGE_TOKENS, image_aspect_ratio=ratio)
+        processor.save_pretrained(tmp_path / ratio)
+        assert json.loads((tmp_path / ratio / "processor_config.json").read_text())["image_aspect_ratio"] == ratio
+        assert AutoProcessor.from_pretrained(tmp_path / ratio, trust_remote_code=True).image_aspect_ratio == ratio
+    config_file = tmp_path / "pad" / "processor_config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["image_aspect_ratio"]  # saved before the option existed, e.g. the shipped tiny checkpoint
+    config_file.write_text(json.dumps(saved))
+    assert AutoProcessor.from_pretrained(tmp_path / "pad", trust_remote_code=True).image_aspect_ratio == "resize"
+
+
+def test_llava_json_turns_render_as_the_original_trained_on():
+    """LLaVA data: the original (preprocess_multimodal) removes the marker, strips the text and puts
+    `<image>\\n` first; training data here goes through the same template and processor."""
+    from florence_vl.train.data import llava_to_messages
+
+    turns = [{"from": "human", "value": "What is this? <image>\n"}, {"from": "gpt", "value": "A cat."},
+             {"from": "human", "value": " And its colour?"}]
+    messages = llava_to_messages(turns, 1)
+    rendered = tiny_processor(family="phi3").apply_chat_template(messages, add_generation_prompt=True)
+    assert rendered == (PHI3_SYSTEM + "\n<|user|>\n<image>\nWhat is this?<|end|>\n<|assistant|>\nA cat.<|end|>"
+                        "\n<|user|>\n And its colour?<|end|>\n<|assistant|>\n")

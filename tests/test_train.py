@@ -355,3 +355,26 @@ def test_every_model_source_honours_dtype_and_attention(bf16_parts, workdir, tmp
         if name == "parts":
             model.save_pretrained(tmp_path / "folder")
             processor.save_pretrained(tmp_path / "folder")
+
+
+def test_stage_two_switches_a_loaded_processor_to_the_original_stage_two_format():
+    """Stage 1 of the original is `plain` + stretched images, stage 2 `phi3`/`llama3` + pad: the stage-2 recipes
+    set both on the processor loaded from the stage-1 folder; without the flags it is kept as saved."""
+    from tiny import tiny_processor
+
+    from florence_vl import CHAT_TEMPLATES
+
+    processor = tiny_processor(family="plain")
+    processor.image_aspect_ratio = "resize"
+    kept = sft.set_prompt_and_image_format(processor, sft.FlorenceVLArguments(), "phi3")
+    assert kept.chat_template == CHAT_TEMPLATES["plain"] and kept.image_aspect_ratio == "resize"
+    switched = sft.set_prompt_and_image_format(
+        processor, sft.FlorenceVLArguments(chat_template="phi3", image_aspect_ratio="pad"), "phi3")
+    assert switched.chat_template == CHAT_TEMPLATES["phi3"] and switched.image_aspect_ratio == "pad"
+    with pytest.raises(ValueError, match="'square'"):
+        sft.set_prompt_and_image_format(processor, sft.FlorenceVLArguments(image_aspect_ratio="square"), "phi3")
+    for name in ("phi35", "llama31"):
+        stage_one = yaml.safe_load((REPO / f"train/recipes/{name}_pretrain.yaml").read_text())
+        stage_two = yaml.safe_load((REPO / f"train/recipes/{name}_finetune.yaml").read_text())
+        assert (stage_one["chat_template"], stage_one["image_aspect_ratio"]) == ("plain", "resize")
+        assert stage_two["chat_template"] in ("phi3", "llama3") and stage_two["image_aspect_ratio"] == "pad"

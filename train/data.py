@@ -51,20 +51,18 @@ def open_image(path: str | Path, report: SkipReport) -> Image.Image | None:
 
 
 def llava_to_messages(conversations: list[dict], n_images: int) -> list[dict]:
-    """LLaVA turns -> TRL messages; `<image>` markers become `{"type": "image"}` items."""
+    """LLaVA turns -> TRL messages; `<image>` markers become `{"type": "image"}` items before the turn's text."""
     messages, seen_images = [], 0
     for turn in conversations:
         role = ROLES.get(turn.get("from", turn.get("role")))
         if role is None:
             raise ValueError(f"Unknown conversation role {turn.get('from')!r}; expected one of {sorted(ROLES)}.")
         text = turn.get("value", turn.get("content", ""))
-        content = []
-        for index, piece in enumerate(text.split("<image>")):
-            if index > 0:
-                content.append({"type": "image"})
-                seen_images += 1
-            if piece.strip("\n"):
-                content.append({"type": "text", "text": piece.strip("\n")})
+        # As the original's preprocess_multimodal: the markers are removed, the text stripped, the images go first.
+        count = text.count("<image>")
+        text = text.replace("<image>", "").strip() if count else text
+        content = [{"type": "image"}] * count + ([{"type": "text", "text": text}] if text else [])
+        seen_images += count
         messages.append({"role": role, "content": content})
     if seen_images == 0 and n_images:  # LLaVA data may omit the marker: the image goes before the first turn
         messages[0]["content"].insert(0, {"type": "image"})

@@ -29,11 +29,12 @@ from transformers import TrainerCallback, set_seed
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
 from florence_vl import FlorenceVLConfig, FlorenceVLForConditionalGeneration, FlorenceVLProcessor
-from florence_vl.processing_florence_vl import CHAT_TEMPLATES, florence2_image_processor
+from florence_vl.processing_florence_vl import CHAT_TEMPLATES
 from florence_vl.train import data as data_utils
 
 logger = logging.getLogger(__name__)
-VISION_PREFIX = "model.vision_tower."
+# Our vision tower's parameters (DaViT, its projection, the BART prompt encoder); PEFT may prefix the names.
+VISION_TOWER_PREFIX = "model.vision_tower."
 # LoRA lands on the LLM's projections only: the Florence-2 BART encoder has q_proj/k_proj/v_proj/out_proj too.
 LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj)"
 
@@ -44,7 +45,13 @@ class FlorenceVLArguments:
     model_config: str | None = field(default=None, metadata={"help": "JSON of FlorenceVLConfig args (random init)."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder for --model_config, or "
                                                                    "'shapes' for the task's built-in tokenizer."})
-    chat_template: str = field(default="phi3", metadata={"help": f"One of {sorted(CHAT_TEMPLATES)}."})
+    chat_template: str | None = field(default=None, metadata={
+        "help": f"One of {sorted(CHAT_TEMPLATES)} or a Jinja template (the original: plain in stage 1, the LLM's "
+                "family in stage 2). Default: a loaded model keeps its own; a new one gets its LLM's family (phi3 "
+                "for --model_config)."})
+    image_aspect_ratio: str | None = field(default=None, metadata={
+        "help": "pad (centred on the mean colour) or resize (stretched); the original pads in stage 2 and "
+                "stretches in stage 1. Default: a loaded model keeps its own; a new one pads."})
     florence2: str | None = field(default=None, metadata={"help": "Native Florence-2 checkpoint (with --llm)."})
     llm: str | None = field(default=None, metadata={"help": "Causal-LM checkpoint (with --florence2)."})
     llava_json: str | None = field(default=None, metadata={"help": "LLaVA-style JSON/JSONL training data."})
@@ -80,7 +87,7 @@ def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig
         load.update(quantization_kwargs(model_args))
         model = FlorenceVLForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **load)
         processor = FlorenceVLProcessor.from_pretrained(model_args.model_name_or_path, revision=load["revision"])
-        return model, processor
+        return model, set_prompt_and_image_format(processor, args, model.config.text_config.model_type)
     if get_quantization_config(model_args) is not None:
         raise ValueError("--load_in_4bit/--load_in_8bit need --model_name_or_path (a saved Florence-VL model); got "
                          f"florence2={args.florence2!r}, llm={args.llm!r}, model_config={args.model_config!r}.")
@@ -88,8 +95,10 @@ def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig
         from florence_vl.convert import from_pretrained_parts
 
         dtype = load.pop("dtype")
-        return from_pretrained_parts(florence2=args.florence2, llm=args.llm, chat_template=args.chat_template,
-                                     dtype=None if dtype == "auto" else dtype, model_init_kwargs=load)
+        model, processor = from_pretrained_parts(florence2=args.florence2, llm=args.llm,
+                                                 chat_template=args.chat_template,
+                                                 dtype=None if dtype == "auto" else dtype, model_init_kwargs=load)
+        return model, set_prompt_and_image_format(processor, args, model.config.text_config.model_type)
     if not (args.model_config and args.tokenizer):
         raise ValueError("Give a model: --model_name_or_path, --florence2 with --llm, or --model_config with "
                          "--tokenizer.")
@@ -114,15 +123,25 @@ def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig
         model.set_attn_implementation(load["attn_implementation"])
     if load["dtype"] != "auto":
         model.to(load["dtype"])
-    end_ids = [tokenizer.convert_tokens_to_ids(token) for token in ("<|end|>", "<|eot_id|>")
-               if token in tokenizer.get_vocab()]
-    model.generation_config.eos_token_id = list(dict.fromkeys(end_ids + [tokenizer.eos_token_id]))  # no repeats
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    processor = FlorenceVLProcessor(
-        image_processor=florence2_image_processor(config.image_size), tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATES[args.chat_template], num_image_tokens=config.num_image_tokens,
-    )
-    return model, processor
+    from florence_vl.convert import build_processor, resolve_chat_template, set_generation_defaults
+
+    set_generation_defaults(model, tokenizer)
+    template = resolve_chat_template(args.chat_template or "phi3", config.text_config.model_type)
+    return model, build_processor(tokenizer, config, template, args.image_aspect_ratio or "pad")
+
+
+def set_prompt_and_image_format(processor, args: FlorenceVLArguments, text_model_type: str):
+    """Apply --chat_template / --image_aspect_ratio when given (e.g. stage 2 after a `plain`, stretched stage 1)."""
+    from florence_vl.convert import resolve_chat_template
+    from florence_vl.processing_florence_vl import IMAGE_ASPECT_RATIOS
+
+    if args.chat_template:
+        processor.chat_template = resolve_chat_template(args.chat_template, text_model_type)
+    if args.image_aspect_ratio:
+        if args.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"--image_aspect_ratio {args.image_aspect_ratio!r} must be one of {IMAGE_ASPECT_RATIOS}.")
+        processor.image_aspect_ratio = args.image_aspect_ratio
+    return processor
 
 
 def quantization_kwargs(model_args: ModelConfig) -> dict:
@@ -160,7 +179,7 @@ def load_train_dataset(args: FlorenceVLArguments, script_args: ScriptArguments):
 
 def set_vision_trainable(model, trainable: bool) -> None:
     for name, parameter in model.named_parameters():
-        if VISION_PREFIX in name and "lora_" not in name:
+        if VISION_TOWER_PREFIX in name and "lora_" not in name:
             parameter.requires_grad_(trainable)
 
 
@@ -176,7 +195,7 @@ class VisionParamGroups:
             if not parameter.requires_grad:
                 continue
             decay = parameter.ndim >= 2 and "norm" not in name.lower()
-            key = (VISION_PREFIX in name, decay)
+            key = (VISION_TOWER_PREFIX in name, decay)
             groups.setdefault(key, []).append(parameter)
         param_groups = [
             {"params": params, "lr": vision_lr if is_vision else lr, "weight_decay": weight_decay if decay else 0.0}
