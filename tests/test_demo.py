@@ -132,3 +132,11 @@ def test_cli_interactive_and_bfloat16():
         f"[shapes_1.png] > {EXAMPLES[1]['answer']}",
         "[shapes_1.png] > ",
     ]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """README's second command (install + run every test) is one line, and `.ci/run` runs that very line."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    command = blocks[1].strip()
+    assert "\n" not in command and "tests/run.sh" in command, command
+    assert command in (REPO / ".ci" / "run").read_text().splitlines(), command
