@@ -7,7 +7,18 @@ image ─► DaViT ─► Florence-2 projection ─► V ─┬─────�
 
 from dataclasses import dataclass
 
-import torch
+import transformers
+from packaging.version import Version
+
+# The vLLM path (config, processor, `florence_vl.vllm_plugin`) also runs on older transformers; this file does not.
+if Version(Version(transformers.__version__).base_version) < Version("5.24"):
+    raise ImportError(
+        f"modeling_florence_vl needs transformers>=5.24,<6, found {transformers.__version__}: "
+        "`pip install -U 'transformers>=5.24,<6'`. (To serve with vLLM, which pins an older transformers, use the "
+        "vLLM plugin instead: README, section Serving.)"
+    )
+
+import torch  # noqa: E402
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
