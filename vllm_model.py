@@ -83,6 +83,21 @@ class FlorenceVLMultiModalProcessor(BaseMultiModalProcessor[FlorenceVLProcessing
         replacement = [config.image_token_id] * config.num_image_tokens
         return [PromptReplacement(modality="image", target=[config.image_token_id], replacement=replacement)]
 
+    def _maybe_apply_prompt_updates(self, mm_items, mm_res):
+        """vLLM's expansion, plus a clear ValueError (a 400 from the server) when `<image>` markers and images
+        differ in number: vLLM itself fails an assertion for too few markers and ignores extra ones."""
+        config = self.info.get_hf_config()
+        num_images = mm_items.get_all_counts().get("image", 0)
+        message = (f"{num_images} image(s) were given but the prompt's {IMAGE_PLACEHOLDER} markers do not match: put "
+                   f"exactly one {IMAGE_PLACEHOLDER} in the prompt per image (chat messages do this for you).")
+        try:
+            prompt_ids, placeholders = super()._maybe_apply_prompt_updates(mm_items, mm_res)
+        except (AssertionError, RuntimeError) as error:
+            raise ValueError(message) from error
+        if list(prompt_ids).count(config.image_token_id) != num_images * config.num_image_tokens:
+            raise ValueError(message)
+        return prompt_ids, placeholders
+
 
 class FlorenceVLVisionTower(nn.Module):
     """DaViT + Florence-2 image projection (V), and the BART encoder over [V ; prompt_p] (V_p), per image.
