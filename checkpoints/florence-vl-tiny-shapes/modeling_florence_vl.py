@@ -5,13 +5,13 @@ image ─► DaViT ─► Florence-2 projection ─► V ─┬─────�
 [V, V_p...] ─► DBFusion (channel concat) ─► MLP ─► replaces the `<image>` placeholders of the LLM input.
 """
 
+import re
 from dataclasses import dataclass
 
 import transformers
-from packaging.version import Version
 
 # The vLLM path (config, processor, `florence_vl.vllm_plugin`) also runs on older transformers; this file does not.
-if Version(Version(transformers.__version__).base_version) < Version("5.24"):
+if tuple(map(int, re.match(r"(\d+)\.(\d+)", transformers.__version__).groups())) < (5, 24):
     raise ImportError(
         f"modeling_florence_vl needs transformers>=5.24,<6, found {transformers.__version__}: "
         "`pip install -U 'transformers>=5.24,<6'`. (To serve with vLLM, which pins an older transformers, use the "
