@@ -14,7 +14,8 @@ from florence_vl.train.shapes import make_examples
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "florence-vl-tiny-shapes"
 REFERENCE = Path(__file__).with_name("shapes_reference.json")
-SEED, N, MAX_NEW_TOKENS = 777, 200, 48
+FEATURES = Path(__file__).with_name("image_features_reference.safetensors")
+SEED, N, MAX_NEW_TOKENS, FEATURE_IMAGES = 777, 200, 48, 4
 
 
 def examples() -> list[dict]:
@@ -44,6 +45,19 @@ def main(batch_size: int = 8) -> None:
                                      "transformers": transformers.__version__, "batch_size": batch_size,
                                      "records": records}, indent=1) + "\n")
     print(f"wrote {REFERENCE} ({len(records)} answers)", file=sys.stderr)
+    write_image_features(pipe.model, pipe.processor, items[:FEATURE_IMAGES])
+
+
+def write_image_features(model, processor, items: list[dict]) -> None:
+    """The projected image features (`get_image_features(...).pooler_output`) of a few held-out images."""
+    import torch
+    from safetensors.torch import save_file
+
+    pixel_values = processor.image_processor([item["image"] for item in items], return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        features = model.get_image_features(pixel_values).pooler_output
+    save_file({"features": features.contiguous()}, str(FEATURES))
+    print(f"wrote {FEATURES} ({tuple(features.shape)})", file=sys.stderr)
 
 
 if __name__ == "__main__":

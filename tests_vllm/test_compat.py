@@ -55,3 +55,28 @@ def test_plugin_is_registered_through_the_entry_point():
     from vllm import ModelRegistry
 
     assert "FlorenceVLForConditionalGeneration" in ModelRegistry.get_supported_archs()
+
+
+def test_vllm_vision_part_equals_the_transformers_model():
+    """vLLM's vision tower + DBFusion projector, loaded from the checkpoint, give the features the transformers
+    model gave (stored by `shapes_reference.py`): same modules, same prompt handling, same fusion order."""
+    import torch
+    from safetensors.torch import load_file
+
+    from florence_vl import FlorenceVLConfig, FlorenceVLProcessor
+    from florence_vl.vllm_model import FlorenceVLMultiModalProjector, FlorenceVLVisionTower
+    from shapes_reference import FEATURE_IMAGES, FEATURES
+
+    config = FlorenceVLConfig.from_pretrained(CHECKPOINT)
+    tower, projector = FlorenceVLVisionTower(config).eval(), FlorenceVLMultiModalProjector(config).eval()
+    weights = load_file(str(CHECKPOINT / "model.safetensors"))
+    for module, prefix in ((tower, "model.vision_tower."), (projector, "model.multi_modal_projector.")):
+        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+    processor = FlorenceVLProcessor.from_pretrained(CHECKPOINT)
+    images = [item["image"] for item in examples()[:FEATURE_IMAGES]]
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        features = projector(tower(pixel_values))
+    expected = load_file(str(FEATURES))["features"]
+    assert features.shape == expected.shape == (FEATURE_IMAGES, config.num_image_tokens, config.text_config.hidden_size)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
