@@ -2,7 +2,15 @@
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+try:  # newer transformers (5.24 has it)
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers 5.16-5.19 (what vLLM pins): sub-configs are built in `__post_init__` below
+    SubConfigSpec = None
+
+# Default model type of each sub-config when its dict (or None) names none.
+SUB_CONFIG_DEFAULT_TYPES = {"vision_config": "florence2", "text_config": "llama"}
 
 # The Florence-2 task prompts the released checkpoints use, tokenized with the Florence-2 BART
 # tokenizer and padded with its pad id (1) into one block. The original code feeds this block
@@ -61,10 +69,13 @@ class FlorenceVLConfig(PreTrainedConfig):
     ```"""
 
     model_type = "florence_vl"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="florence2"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            key: SubConfigSpec(config_class=AutoConfig, model_type=model_type)
+            for key, model_type in SUB_CONFIG_DEFAULT_TYPES.items()
+        }
+    else:
+        sub_configs = dict.fromkeys(SUB_CONFIG_DEFAULT_TYPES, AutoConfig)
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -81,6 +92,12 @@ class FlorenceVLConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if SubConfigSpec is None:  # what `sub_configs_defaults` does on newer transformers
+            for key, model_type in SUB_CONFIG_DEFAULT_TYPES.items():
+                value = getattr(self, key)
+                if not isinstance(value, PreTrainedConfig):
+                    value = dict(value or {})
+                    setattr(self, key, CONFIG_MAPPING[value.pop("model_type", model_type)](**value))
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True

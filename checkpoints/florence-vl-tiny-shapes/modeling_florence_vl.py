@@ -5,9 +5,20 @@ image ─► DaViT ─► Florence-2 projection ─► V ─┬─────�
 [V, V_p...] ─► DBFusion (channel concat) ─► MLP ─► replaces the `<image>` placeholders of the LLM input.
 """
 
+import re
 from dataclasses import dataclass, replace
 
-import torch
+import transformers
+
+# The vLLM path (config, processor, `florence_vl.vllm_plugin`) also runs on older transformers; this file does not.
+if tuple(map(int, re.match(r"(\d+)\.(\d+)", transformers.__version__).groups())) < (5, 24):
+    raise ImportError(
+        f"modeling_florence_vl needs transformers>=5.24,<6, found {transformers.__version__}: "
+        "`pip install -U 'transformers>=5.24,<6'`. (To serve with vLLM, which pins an older transformers, use the "
+        "vLLM plugin instead: README, section Serving.)"
+    )
+
+import torch  # noqa: E402
 from torch import nn
 from transformers import AutoModel, Florence2Config, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
