@@ -348,6 +348,9 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub()
+    # Destroy the process group before exit: left to interpreter teardown, gloo's threads sometimes abort a rank
+    # ("terminate called without an active exception", exit -6) after a complete save.
+    trainer.accelerator.end_training()
     return trainer
 
 
