@@ -46,10 +46,12 @@ from .configuration_florence_vl import FlorenceVLConfig
 
 logger = logging.get_logger(__name__)
 
-_IMAGE_HIDDEN_STATES_DEPRECATION = (
-    "`image_hidden_states` is deprecated, as in transformers' native VLMs; use `out.image_outputs.pooler_output` "
-    "(the projected image features)."
-)
+
+def _image_hidden_states(output) -> torch.FloatTensor | None:
+    """Deprecated, as in transformers' native VLMs: `out.image_outputs.pooler_output` (the projected features)."""
+    logger.warning_once("`image_hidden_states` is deprecated, as in transformers' native VLMs; use "
+                        "`out.image_outputs.pooler_output` (the projected image features).")
+    return None if output.image_outputs is None else output.image_outputs.pooler_output
 
 
 @dataclass
@@ -60,10 +62,7 @@ class FlorenceVLModelOutputWithPast(MultimodalBaseModelOutputWithPast):
     `pooler_output` = the projected features that replaced the `<image>` placeholders), `None` without images.
     """
 
-    @property
-    def image_hidden_states(self) -> torch.FloatTensor | None:
-        logger.warning_once(_IMAGE_HIDDEN_STATES_DEPRECATION)
-        return None if self.image_outputs is None else self.image_outputs.pooler_output
+    image_hidden_states = property(_image_hidden_states)
 
 
 @dataclass
@@ -77,10 +76,7 @@ class FlorenceVLCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
         (`(num_images, num_image_tokens, hidden_size)`) holds the features that replaced the `<image>` placeholders.
     """
 
-    @property
-    def image_hidden_states(self) -> torch.FloatTensor | None:
-        logger.warning_once(_IMAGE_HIDDEN_STATES_DEPRECATION)
-        return None if self.image_outputs is None else self.image_outputs.pooler_output
+    image_hidden_states = property(_image_hidden_states)
 
 
 @dataclass
