@@ -219,9 +219,14 @@ class FlorenceVLProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @classmethod
-    def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
-        """A saved processor without `image_aspect_ratio` was saved before the option existed: "resize"."""
-        return super().from_args_and_dict(args, {"image_aspect_ratio": "resize", **processor_dict}, **kwargs)
+    def get_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """A saved processor without `image_aspect_ratio` was saved before the option existed: "resize".
+
+        Filled in where the saved dict is read (`get_processor_dict`, the one step every transformers version from
+        5.16 to 5.25 shares) rather than where it becomes a processor, which changed in 5.25 (`from_dict`).
+        """
+        processor_dict, kwargs = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        return {"image_aspect_ratio": "resize", **processor_dict}, kwargs
 
     def background_colour(self) -> tuple[int, ...]:
         """The padding colour of "pad": the image processor's mean x 255, rounded down as the original does."""
