@@ -3,7 +3,8 @@
 tests/fixtures/original/ was written by `make_fixture.py` running the original code (llava/, transformers 4.43.1;
 see its docstring for what it patches): a tiny checkpoint in the original training code's own layout, and what the
 original computed from it. Here the checkpoint is converted with `florence-vl convert` in a fresh process and the
-result must reproduce the original: pixel values 1e-5, projected image features and logits 1e-4, token ids equal.
+result must reproduce the original: pixel values 1e-5, projected image features and logits 1e-4 (also for a prompt
+past Phi-3's original_max_position_embeddings, on the long rope factors), token ids equal.
 """
 
 import json
