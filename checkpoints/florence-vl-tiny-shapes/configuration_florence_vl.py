@@ -45,16 +45,16 @@ def with_longrope_factor(text_config: dict | PreTrainedConfig | None) -> dict | 
 
     Phi-3 longrope configs (the released Florence-VL LLMs, Phi-3.5-mini) give only `max_position_embeddings` and
     `original_max_position_embeddings`; transformers 4.43 (which trained Florence-VL) and 5.x without `factor` both
-    scale attention by sqrt(1 + log(max / original) / log(original)), but 5.25 warns on every load of such a config.
-    Writing `factor = max / original` keeps that scaling and silences the warning. A dict is copied, a config's
-    `rope_parameters` is replaced in place; anything else is returned unchanged."""
+    scale attention by sqrt(1 + log(max / original) / log(original)), but 5.24 and later warn on every load of
+    such a config. Writing `factor = max / original` keeps that scaling and silences the warning. A dict is
+    copied, a config's `rope_parameters` is replaced in place; anything else is returned unchanged."""
     if isinstance(text_config, PreTrainedConfig):
-        rope, key, fields = getattr(text_config, "rope_parameters", None), "rope_parameters", text_config.__dict__
-    elif isinstance(text_config, dict):
-        key = "rope_parameters" if text_config.get("rope_parameters") else "rope_scaling"
-        rope, fields = text_config.get(key), text_config
+        key, fields = "rope_parameters", vars(text_config)
+    elif isinstance(text_config, dict):  # a saved config says rope_parameters, the original's legacy rope_scaling
+        key, fields = ("rope_parameters" if text_config.get("rope_parameters") else "rope_scaling"), text_config
     else:
         return text_config
+    rope = fields.get(key)
     if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) not in LONGROPE_TYPES or "factor" in rope:
         return text_config
     # transformers prefers the top-level original_max_position_embeddings (Phi-3 keeps it there)
