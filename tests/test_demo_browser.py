@@ -348,7 +348,8 @@ def test_exported_space_runs_without_the_package(space_app):
     space = space_app.space
     assert {"app.py", "requirements.txt", "README.md", "model.txt", "examples", "florence-vl-tiny-shapes"} <= {
         path.name for path in space.iterdir()}
-    assert "sdk: gradio\nsdk_version: 6." in (space / "README.md").read_text()
+    card = (space / "README.md").read_text()
+    assert "sdk: gradio\nsdk_version: 6." in card and 'python_version: "3.11"' in card  # what the tests ran on
     assert (space / "requirements.txt").read_text().splitlines() == [
         "--extra-index-url https://download.pytorch.org/whl/cpu", "torch==2.13.0+cpu", *SPACE_PINS]
     with urllib.request.urlopen(f"{space_app.url}config", timeout=30) as response:
