@@ -3,7 +3,8 @@
 Run it with `florence-vl demo` (needs `pip install 'florence-vl[demo]'`). This file depends only on
 gradio, torch, transformers and Pillow (the model code comes with the checkpoint through
 `trust_remote_code`), so `florence-vl demo --export-space DIR` can copy it unchanged into a Hugging Face
-Space as `app.py`, where `python app.py` serves the model found in `DIR/model` (or `$FLORENCE_VL_MODEL`).
+Space as `app.py`, where `python app.py` serves the model `DIR/model.txt` names (or `$FLORENCE_VL_MODEL`).
+The app opens only files Gradio received as uploads (see `read_upload`), never a server path a client names.
 """
 
 import io
