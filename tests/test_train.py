@@ -191,6 +191,44 @@ def test_kill_and_resume_gives_the_same_weights(workdir, tmp_path):
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
 
 
+def test_model_from_config_starts_from_the_weights_the_class_builds(workdir, tmp_path):
+    """`--model_config` builds through `_from_config` (what DeepSpeed ZeRO-3 needs); outside DeepSpeed the initial
+    weights are those of calling the class with the same seed (the shipped recipe's starting point is unchanged)."""
+    from transformers import set_seed
+
+    from florence_vl import FlorenceVLForConditionalGeneration
+
+    _, training_args, model_args, args = sft.make_parser().parse_args_and_config(
+        args=args_for(workdir, tmp_path / "out", "pretrain"))
+    set_seed(0)
+    model, _ = sft.build_model_and_processor(args, model_args, training_args)
+    set_seed(0)
+    reference = FlorenceVLForConditionalGeneration(model.config)
+    built, expected = model.state_dict(), reference.state_dict()
+    assert built.keys() == expected.keys()
+    assert all(built[k].dtype == expected[k].dtype and torch.equal(built[k], expected[k]) for k in expected)
+
+
+def test_vision_param_groups_keep_the_chosen_optimizer_and_the_trainers_weight_decay(workdir, tmp_path):
+    """`--vision_learning_rate` / `--vision_freeze_steps` put the vision parameters in groups of their own (marked
+    `vision`, at their own lr) of the `--optim` optimizer, with the Trainer's weight-decay split."""
+    trainer = build_trainer(args_for(workdir, tmp_path / "out", "pretrain", "--optim", "sgd", "--weight_decay", "0.1",
+                                     "--vision_learning_rate", "1e-4", "--vision_freeze_steps", "1"))
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is torch.optim.SGD
+    names = {id(parameter): name for name, parameter in trainer.model.named_parameters()}
+    decay = set(trainer.get_decay_parameter_names(trainer.model))
+    grouped = []
+    for group in optimizer.param_groups:
+        group_names = [names[id(parameter)] for parameter in group["params"]]
+        grouped += group_names
+        assert {name.startswith(sft.VISION_TOWER_PREFIX) for name in group_names} == {group["vision"]}
+        assert group["lr"] == (1e-4 if group["vision"] else 1e-3)
+        assert {name in decay for name in group_names} == {group["weight_decay"] == 0.1}
+    assert sorted(grouped) == sorted(names.values())
+    assert {group["vision"] for group in optimizer.param_groups} == {True, False}
+
+
 PAPER = {  # (stage, LLM) -> (global batch, learning rate), paper §9
     "phi35_pretrain": (4096, 1e-4), "phi35_finetune": (2048, 9e-5),
     "llama31_pretrain": (256, 2e-5), "llama31_finetune": (256, 1e-5),
