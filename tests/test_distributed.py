@@ -136,8 +136,9 @@ def test_deepspeed_zero_trains_like_ddp_keeps_the_warmup_frozen_saves_complete_a
     assert max_difference(weights(ddp_run), weights(run)) <= ENGINE_TOLERANCE
     assert_complete_and_loads(run, weights(ddp_run))
     # resume after the warm-up step, from DeepSpeed's own checkpoint (sharded optimizer state), into a new folder
-    launch(config, [*args_for(workdir, resumed, "pretrain", *WARMUP_RUN), *source,
-                    "--resume_from_checkpoint", str(run / "checkpoint-1")], torch_extensions_dir, first_epoch="1")
+    log = launch(config, [*args_for(workdir, resumed, "pretrain", *WARMUP_RUN), *source,
+                          "--resume_from_checkpoint", str(run / "checkpoint-1")], torch_extensions_dir, first_epoch="1")
+    assert "Resuming from" in log and len(re.findall(r"\{'loss'", log)) == 1  # step 2 only
     assert max_difference(weights(run), weights(resumed)) == 0.0
 
 
