@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from test_train import REPO, SFT, args_for, initial_weights, workdir  # noqa: F401  (workdir is a fixture)
 
@@ -168,3 +169,13 @@ def test_deepspeed_bf16_trains_a_step_and_saves_a_loadable_model(stage, workdir,
     inputs = processor(text="<image>What is the colour?", images=Image.new("RGB", (48, 40), "red"),
                        return_tensors="pt")
     assert torch.isfinite(model(**inputs).logits.float()).all()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gpu_deepspeed_configs_are_the_tested_cpu_ones_but_for_the_machine(stage):
+    """What the tests launch on CPU is what README tells GPU users to launch."""
+    machine = {"num_processes", "use_cpu", "mixed_precision"}
+    gpu, cpu = (yaml.safe_load((REPO / "train/accelerate" / name).read_text())
+                for name in (f"zero{stage}.yaml", f"zero{stage}_cpu.yaml"))
+    assert {k: v for k, v in gpu.items() if k not in machine} == {k: v for k, v in cpu.items() if k not in machine}
+    assert (gpu["use_cpu"], gpu["mixed_precision"], cpu["use_cpu"], cpu["num_processes"]) == (False, "bf16", True, 2)
