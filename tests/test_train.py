@@ -229,6 +229,12 @@ def test_vision_param_groups_keep_the_chosen_optimizer_and_the_trainers_weight_d
     assert {group["vision"] for group in optimizer.param_groups} == {True, False}
 
 
+def test_vision_warmup_with_the_vision_part_frozen_throughout_is_refused(workdir, tmp_path):
+    with pytest.raises(ValueError, match="--vision_freeze_steps 2: nothing of the vision part is trained"):
+        build_trainer(args_for(workdir, tmp_path / "out", "pretrain", "--use_peft", "true", "--lora_r", "4",
+                               "--vision_freeze_steps", "2"))
+
+
 PAPER = {  # (stage, LLM) -> (global batch, learning rate), paper §9
     "phi35_pretrain": (4096, 1e-4), "phi35_finetune": (2048, 9e-5),
     "llama31_pretrain": (256, 2e-5), "llama31_finetune": (256, 1e-5),

@@ -357,6 +357,11 @@ def build_trainer(script_args: ScriptArguments, training_args: SFTConfig, model_
         processing_class=processor,
         peft_config=peft_config,
     )
+    if warmup and not any(parameter.requires_grad for name, parameter in trainer.model.named_parameters()
+                          if VISION_TOWER_PREFIX in name):
+        raise ValueError(f"--vision_freeze_steps {args.vision_freeze_steps}: nothing of the vision part is trained "
+                         "here (--use_peft or a quantized model keeps it frozen throughout), so there is no warm-up to "
+                         "hold it for; drop --vision_freeze_steps.")
     if warmup or args.vision_learning_rate is not None:
         optimizer_cls, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(training_args, trainer.model)
         if "params" in optimizer_kwargs or "model" in optimizer_kwargs or "optimizer_dict" in optimizer_kwargs:
