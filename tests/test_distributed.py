@@ -15,9 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_train import REPO, SFT, args_for, initial_weights, workdir  # noqa: F401  (workdir is a fixture)
-
-pytest.importorskip("deepspeed", reason="the DeepSpeed tests need `pip install florence-vl[deepspeed]`")
+from test_train import REPO, SFT, args_for, build_trainer, workdir  # noqa: F401  (workdir is a fixture)
 
 # What engines may differ by after 2 AdamW steps: summation order in the all-reduce, which AdamW's first steps
 # amplify (measured: FSDP 0, ZeRO-2 2.4e-7, ZeRO-3 2.1e-7, on DaViT conv weights; before the fix, the warm-up alone
@@ -34,6 +32,7 @@ WARMUP_RUN = ["--max_steps", "2", "--vision_freeze_steps", "1", "--optim", "adam
 def torch_extensions_dir(tmp_path_factory) -> str:
     """DeepSpeed compiles its CPU shared-memory op (g++ + ninja, ~90 s) on first use, into TORCH_EXTENSIONS_DIR:
     one folder for the whole test run, so the first DeepSpeed launch compiles it and the others load it."""
+    pytest.importorskip("deepspeed", reason="the DeepSpeed tests need `pip install florence-vl[deepspeed]`")
     return os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
 
 
@@ -96,8 +95,6 @@ def assert_vision_frozen_in_warmup(run: Path, initial: dict[str, torch.Tensor]) 
 def initial(workdir, tmp_path_factory):  # noqa: F811
     """The model train/sft.py builds from `--model_config` (seed 0), saved as a folder the launches can start from."""
     folder = tmp_path_factory.mktemp("initial")
-    from test_train import build_trainer
-
     trainer = build_trainer(args_for(workdir, folder / "unused", "pretrain"))
     trainer.model.save_pretrained(folder)
     trainer.processing_class.save_pretrained(folder)
