@@ -142,8 +142,8 @@ def test_deepspeed_zero_trains_like_ddp_keeps_the_warmup_frozen_saves_complete_a
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_bf16_trains_a_step_and_saves_a_loadable_model(stage, workdir, initial, torch_extensions_dir,  # noqa: F811
-                                                                 tmp_path):
+def test_deepspeed_bf16_trains_a_step_and_saves_a_loadable_model(stage, workdir, initial,  # noqa: F811
+                                                                 torch_extensions_dir, tmp_path):
     """DeepSpeed's bf16 casts the parameters and leaves the buffers (Florence-2's position table) in float32: the
     model must run so. ZeRO-2 from a folder, ZeRO-3 from `--model_config` (each stage's other source)."""
     folder, _ = initial

@@ -384,7 +384,8 @@ def test_bf16_weights_beside_float32_buffers_train_like_the_all_bf16_model(llm, 
     assert {buffer.dtype for buffer in model.buffers()} == {torch.float32}
     loss = model(**inputs, labels=labels_for(inputs)).loss
     loss.backward()
-    assert all(parameter.grad is not None and parameter.grad.dtype == torch.bfloat16 for parameter in model.parameters())
+    assert all(parameter.grad is not None and parameter.grad.dtype == torch.bfloat16
+               for parameter in model.parameters())
     expected = all_bf16(**inputs, labels=labels_for(inputs)).loss
     assert torch.isfinite(loss) and abs(loss.item() - expected.item()) <= 0.02 * expected.item()
 
