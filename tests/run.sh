@@ -7,7 +7,7 @@
 # README's test command (and .ci/run) is: python3 -m venv .venv && . .venv/bin/activate && bash tests/run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="train,analysis,dev,quant,demo"
+EXTRAS="train,analysis,dev,quant,demo,deepspeed"   # DeepSpeed's CPU op compiles with g++
 install() {  # into the environment of the `python` on PATH; extra pip arguments (constraints) follow
     python -m pip install -q --upgrade pip
     python -m pip install -q torch==2.13.0        # the CPU build, before the package: a plain `torch` pulls CUDA
@@ -19,6 +19,7 @@ set -e
 install
 bash tests/install_browser.sh                     # chromium + chromium-driver from Debian (root or sudo)
 export HF_HUB_OFFLINE=1
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"   # DeepSpeed's op, compiled once per run
 set +e
 python -m pytest tests -q
 newest=$?
