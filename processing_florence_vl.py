@@ -412,7 +412,8 @@ class FlorenceVLProcessor(ProcessorMixin):
         image_processor = self.image_processor
         size = getattr(image_processor, "size", None)
         resample = getattr(image_processor, "resample", None)
-        overridden = any(key in call_kwargs or key in (call_kwargs.get("images_kwargs") or {}) for key in _RESIZE_KWARGS)
+        images_kwargs = call_kwargs.get("images_kwargs") or {}
+        overridden = any(key in call_kwargs or key in images_kwargs for key in _RESIZE_KWARGS)
         if (overridden or getattr(image_processor, "backend", None) != "pil" or not image_processor.do_resize
                 or not getattr(size, "height", None) or not getattr(size, "width", None)
                 or not isinstance(resample, int) or not _pass_order_is_known()):

@@ -1,19 +1,24 @@
-"""Peak memory of one 13000x13000 grayscale PNG (164 KB on disk, 169 MB decoded) through the processor and the vLLM server.
+"""Peak memory of a 13000x13000 grayscale PNG (164 KB on disk, 161 MiB decoded) through the processor and vLLM's server.
 
 Processor (main environment), before vs after bounded preprocessing, side by side in one run:
 
-    flock /work/bigmem.lock .venv/bin/python benchmarks/bench_image_memory.py processor --out benchmarks/results.image_memory.json
+    .venv/bin/python benchmarks/bench_image_memory.py processor --out benchmarks/results.image_memory.json
 
 "before" is `processing_florence_vl.py` as it was before (commit BEFORE, read with `git show`), "after" this checkout's,
 both with Florence-2's 768-px image processor and the shipped checkpoint's tokenizer; "after" runs with the limit
 lifted (`max_image_pixels=None`, so the image is processed) and with the default (refused). Each measurement is a
 fresh process, variants interleaved round by round: warm up on a small image, reset the peak resident set
 (`/proc/self/clear_refs`), then process the PNG by path; "peak above baseline" = VmHWM - VmRSS before the call (the
-decoded image itself, 169 MB, included). The pixel values of before and after are compared by hash.
+decoded image itself, 161 MiB, included; "before" peaks at about 2.7 GB). Pixel values are compared by hash.
+
+Speed on ordinary photos (main environment), before vs after, same processors, interleaved in one process (RGB noise
+at 640x480, 1024x768 and 4032x3024, "pad", 768 px):
+
+    .venv/bin/python benchmarks/bench_image_memory.py speed --out benchmarks/results.image_memory.json
 
 vLLM server (vLLM environment; README's serving flags, the PNG sent as a data URL, as a remote client would):
 
-    flock /work/bigmem.lock .venv-vllm/bin/python benchmarks/bench_image_memory.py server --out benchmarks/results.image_memory.json
+    .venv-vllm/bin/python benchmarks/bench_image_memory.py server --out benchmarks/results.image_memory.json
 
 once with the checkpoint's defaults and once with `--mm-processor-kwargs '{"max_image_pixels": null}'`; for the API
 process and the engine process: resident set before, peak during the request (after a `clear_refs` reset), resident
@@ -81,9 +86,7 @@ def write_png(folder: Path) -> Path:
 def processor_part(args) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="bench-image-memory-"))
     png = write_png(folder)
-    before = folder / "processing_before.py"
-    before.write_text(subprocess.run(["git", "show", f"{BEFORE}:processing_florence_vl.py"], cwd=ROOT, check=True,
-                                     capture_output=True, text=True).stdout)
+    before = Path(load_before(folder).__file__)
     variants = {"before": (before, "default"), "after (limit lifted)": (ROOT / "processing_florence_vl.py", None),
                 "after (default limit)": (ROOT / "processing_florence_vl.py", "default")}
     runs = {name: [] for name in variants}
@@ -105,6 +108,50 @@ def processor_part(args) -> dict:
     summary["pixel_values_equal"] = summary["before"]["outcome"] == summary["after (limit lifted)"]["outcome"]
     return {"png": {"side": SIDE, "bytes": png.stat().st_size, "decoded_mb": SIDE * SIDE / MB},
             "before_commit": BEFORE, "rounds": args.rounds, "summary": summary, "runs": runs}
+
+
+def load_before(folder: Path):
+    import importlib.util
+
+    path = folder / "processing_before.py"
+    path.write_text(subprocess.run(["git", "show", f"{BEFORE}:processing_florence_vl.py"], cwd=ROOT, check=True,
+                                   capture_output=True, text=True).stdout)
+    spec = importlib.util.spec_from_file_location("processing_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def speed_part(args) -> dict:
+    import statistics
+
+    import numpy as np
+    from PIL import Image
+    from transformers import PreTrainedTokenizerFast
+
+    import florence_vl.processing_florence_vl as after
+
+    before = load_before(Path(tempfile.mkdtemp(prefix="bench-image-speed-")))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(CHECKPOINT)
+    processors = {name: module.FlorenceVLProcessor(image_processor=module.florence2_image_processor(768),
+                                                   tokenizer=tokenizer) for name, module in
+                  (("before", before), ("after", after))}
+    rows = []
+    for width, height in ((640, 480), (1024, 768), (4032, 3024)):
+        pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        times = {name: [] for name in processors}
+        for _ in range(args.repeats):
+            for name, processor in processors.items():
+                start = time.perf_counter()
+                processor(text="<image>", images=image, return_tensors="pt")
+                times[name].append(time.perf_counter() - start)
+        row = {"size": [width, height], **{f"{name}_median_s": statistics.median(t) for name, t in times.items()},
+               "ratio_before_over_after": statistics.median(times["before"]) / statistics.median(times["after"]),
+               "median_per_round_ratio": statistics.median(b / a for b, a in zip(times["before"], times["after"]))}
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+    return {"repeats": args.repeats, "summary": rows}
 
 
 # --------------------------------------------------------------------------------------------------- vLLM server
@@ -205,12 +252,13 @@ def server_part(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["processor", "server"])
+    parser.add_argument("part", choices=["processor", "speed", "server"])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15, help="speed: timed calls per size and version")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.image_memory.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = processor_part(args) if args.part == "processor" else server_part(args)
+    result = {"processor": processor_part, "speed": speed_part, "server": server_part}[args.part](args)
     report = json.loads(args.out.read_text()) if args.out.exists() else {}
     report[args.part] = {"load_avg": os.getloadavg(), "cpus": os.cpu_count(), **result}
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -161,7 +161,8 @@ def png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    data = chunk(b"IDAT", zlib.compress(b"\0" * 10))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + data + chunk(b"IEND", b"")
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, on opening
@@ -197,7 +198,8 @@ def test_pillow_decompression_bomb_is_a_value_error_naming_both_limits(processor
     path.write_bytes(png_header_only(20000, 20000))  # 400 MP: over twice PIL.Image.MAX_IMAGE_PIXELS
     processor = tiny_processor(tiny_config())
     processor.max_image_pixels = None
-    with pytest.raises(ValueError, match=r"images\[0\]: .*PIL.Image.MAX_IMAGE_PIXELS and the processor's max_image_pixels"):
+    message = r"images\[0\]: .*PIL.Image.MAX_IMAGE_PIXELS and the processor's max_image_pixels"
+    with pytest.raises(ValueError, match=message):
         processor(text="<image>", images=[str(path)], return_tensors="pt")
 
 
