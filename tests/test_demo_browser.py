@@ -317,7 +317,8 @@ def test_exported_space_runs_without_the_package(tmp_path):
     result = subprocess.run([sys.executable, "-m", "florence_vl.cli", "demo", "--export-space", str(space)],
                             env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert {"app.py", "requirements.txt", "README.md", "examples", "model"} <= {p.name for p in space.iterdir()}
+    assert {"app.py", "dtypes.py", "requirements.txt", "README.md", "examples", "model"} <= {
+        p.name for p in space.iterdir()}
     assert "sdk: gradio\nsdk_version: 6." in (space / "README.md").read_text()
     assert "transformers>=5.24,<6" in (space / "requirements.txt").read_text()
     blocked = "import sys, runpy; sys.modules['florence_vl'] = None; runpy.run_path('app.py', run_name='__main__')"
