@@ -164,6 +164,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--text-tokens", type=int, default=32)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--load-check", metavar="DIR", help="at the end: save the model (its last variant) under DIR "
+                        "and time from_pretrained of it in a fresh process (weights in the page cache: a warm load)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
@@ -305,8 +307,53 @@ def main(argv=None) -> dict:
         report["profile"] = profile(models[flop_variant], pixels_for(flop_variant), llm_inputs)
         print(report["profile"]["table"], flush=True)
         write()
+    if args.load_check:  # save the last variant, free every model here, then load it in a fresh process
+        import gc
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(dir=args.load_check)
+        try:
+            started = time.perf_counter()
+            models[variants[-1]].save_pretrained(folder)
+            saved = {"save_s": time.perf_counter() - started,
+                     "safetensors_gb": sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 1e9}
+            del models, model, variant_model
+            gc.collect()
+            report["load_check"] = dict(load_in_fresh_process(folder), **saved)
+        finally:
+            shutil.rmtree(folder)
+        print(json.dumps(report["load_check"]), flush=True)
+        write()
     print(json.dumps({k: report[k] for k in ("results", "peak_rss_mb") if k in report}, indent=1), flush=True)
     return report
+
+
+LOAD_WORKER = """
+import json, sys, time, torch
+from pathlib import Path
+from florence_vl import FlorenceVLForConditionalGeneration
+def status(key):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+before = status("VmRSS")
+start = time.perf_counter()
+model = FlorenceVLForConditionalGeneration.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+seconds = time.perf_counter() - start
+with torch.no_grad():
+    sum(float(p.float().sum()) for p in model.parameters())  # touch every weight (mapped pages become resident)
+print(json.dumps({"load_s": seconds, "rss_after_touch_mb": status("VmRSS") - before, "peak_rss_mb": status("VmHWM"),
+                  "python_torch_baseline_mb": before}))
+"""
+
+
+def load_in_fresh_process(folder: str) -> dict:
+    """`from_pretrained(folder, dtype=bfloat16)` in a new process: seconds and resident memory."""
+    import subprocess
+
+    line = subprocess.run([sys.executable, "-c", LOAD_WORKER, folder], check=True, capture_output=True,
+                          text=True).stdout.strip().splitlines()[-1]
+    return json.loads(line)
 
 
 if __name__ == "__main__":
