@@ -84,7 +84,7 @@ def best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-def machine_floors(size: int = 2048, repeats: int = 5) -> dict:
+def machine_floors(size: int = 2048, bandwidth_mib: int = 1024, repeats: int = 5) -> dict:
     """Best-of-`repeats` GEMM rate per dtype (interleaved) and memory bandwidth: the limits this run is held to."""
     a32, b32 = torch.randn(size, size), torch.randn(size, size)
     pairs = {"float32": (a32, b32), "bfloat16": (a32.bfloat16(), b32.bfloat16())}
@@ -93,7 +93,7 @@ def machine_floors(size: int = 2048, repeats: int = 5) -> dict:
         for name, (a, b) in pairs.items():
             best[name] = min(best[name], best_seconds(lambda a=a, b=b: torch.mm(a, b), 1))
     gemm = {name: 2 * size ** 3 / seconds / 1e9 for name, seconds in best.items()}
-    big = torch.empty(2 ** 28)  # 1 GiB of float32
+    big = torch.empty(bandwidth_mib * 2 ** 18)  # float32: 4 bytes each
     big.normal_()
     out = torch.empty_like(big)
     copy_s = best_seconds(lambda: out.copy_(big), repeats)
@@ -153,6 +153,36 @@ def profile(model, pixel_values: torch.Tensor, llm_inputs: dict, rows: int = 25)
             "table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)}
 
 
+def format_report(report: dict) -> str:
+    """Markdown: one row per variant (medians), each time also as a multiple of its floor."""
+    floors, config = report["floors"], report["config"]
+    lines = [f"`{report['command']}`: Florence-2-{config['florence2']} at {config['image_size']} px + {config['llm']} "
+             f"widths, {config['layers']} LLM layers, {report['prompt_tokens']} prompt tokens, {config['new_tokens']} new "
+             f"tokens, {config['repeats']} timed rounds; torch {report['versions']['torch']}, "
+             f"{report['machine']['threads']} threads, load average at start {report['machine']['load_average'][0]:.1f}.",
+             f"Floors measured in the run: GEMM fp32 {floors['gemm_gflops']['float32']:.0f} / bf16 "
+             f"{floors['gemm_gflops']['bfloat16']:.0f} GFLOP/s, read bandwidth {floors['read_gb_per_s']:.1f} GB/s "
+             f"(copy {floors['copy_gb_per_s']:.1f}); FLOPs vision {report['flops']['vision'] / 1e12:.2f} T, LLM prefill "
+             f"{report['flops']['llm_prefill'] / 1e12:.2f} T; peak RSS {report['peak_rss_mb'] / 1024:.1f} GiB.", "",
+             "| variant | vision s (x floor) | TTFT s (x floor) | decode tokens/s (fraction of floor) | bytes/token |",
+             "|---|---|---|---|---|"]
+    for variant, row in report["results"].items():
+        lines.append(f"| {variant} | {row['vision']['median_s']:.2f} ({row['vision_vs_floor']:.1f}x) "
+                     f"| {row['ttft']['median_s']:.2f} ({row['ttft_vs_floor']:.1f}x) "
+                     f"| {row['decode_tokens_per_s']['median']:.2f} ({row['decode_fraction_of_floor']:.2f}) "
+                     f"| {row['decode_bytes_per_token'] / 1e9:.2f} GB |")
+    for variant, ratios in report.get("speedup_vs_float32", {}).items():
+        lines.append(f"\n{variant} vs float32 (paired per round): vision {ratios['vision']:.2f}x, TTFT "
+                     f"{ratios['ttft']:.2f}x, decode {ratios['decode']:.2f}x")
+    if "int8wo_vs_bfloat16_decode" in report:
+        lines.append(f"\nint8 weight-only vs bf16 decode (paired): {report['int8wo_vs_bfloat16_decode']:.2f}x")
+    if "load_check" in report:
+        load = report["load_check"]
+        lines.append(f"\nfrom_pretrained of the saved {load['safetensors_gb']:.1f} GB in a fresh process: "
+                     f"{load['load_s']:.1f} s (warm page cache), peak RSS {load['peak_rss_mb'] / 1024:.1f} GiB")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--florence2", default="large")
@@ -163,11 +193,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--text-tokens", type=int, default=32)
+    parser.add_argument("--gemm-size", type=int, default=2048, help="GEMM floor: an N x N x N matmul")
+    parser.add_argument("--bandwidth-mib", type=int, default=1024, help="bandwidth floor: copy / sum of this many MiB")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--load-check", metavar="DIR", help="at the end: save the model (its last variant) under DIR "
                         "and time from_pretrained of it in a fresh process (weights in the page cache: a warm load)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--format", nargs="+", type=Path, metavar="JSON", help="print the tables of saved reports")
     args = parser.parse_args(argv)
+    if args.format:
+        for path in args.format:
+            print(format_report(json.loads(path.read_text())) + "\n")
+        return {}
     variants = args.variants.split(",")
     if set(variants) - set(VARIANTS):
         parser.error(f"--variants: unknown {sorted(set(variants) - set(VARIANTS))}; use some of {VARIANTS}")
@@ -188,7 +225,7 @@ def main(argv=None) -> dict:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
-    report["floors"] = machine_floors()
+    report["floors"] = machine_floors(args.gemm_size, args.bandwidth_mib)
     print(json.dumps(report["floors"]), flush=True)
     rss_start = status_mb("VmRSS")
     start = time.perf_counter()
