@@ -195,6 +195,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--text-tokens", type=int, default=32)
     parser.add_argument("--gemm-size", type=int, default=2048, help="GEMM floor: an N x N x N matmul")
     parser.add_argument("--bandwidth-mib", type=int, default=1024, help="bandwidth floor: copy / sum of this many MiB")
+    parser.add_argument("--flops-from", type=Path, metavar="JSON", help="skip counting: take the FLOPs of a report of "
+                        "the same vision, widths and prompt at another depth (LLM prefill scaled by layers)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--load-check", metavar="DIR", help="at the end: save the model (its last variant) under DIR "
                         "and time from_pretrained of it in a fresh process (weights in the page cache: a warm load)")
@@ -256,13 +258,22 @@ def main(argv=None) -> dict:
     llm_inputs = {"input_ids": llm_ids, "attention_mask": torch.ones_like(llm_ids)}
     vision_variants = [v for v in models if v in ("float32", "bfloat16")] or list(models)[:1]
     flop_variant = "bfloat16" if "bfloat16" in models else variants[0]
-    with torch.inference_mode():
-        with FlopCounterMode(display=False) as counter:
-            models[flop_variant].model.get_image_features(pixels_for(flop_variant))
-        vision_flops = counter.get_total_flops()
-        with FlopCounterMode(display=False) as counter:
-            models[flop_variant](**llm_inputs, logits_to_keep=1)
-        llm_flops = counter.get_total_flops()
+    if args.flops_from:  # same vision and widths at another depth: vision as counted, LLM prefill per layer
+        counted = json.loads(args.flops_from.read_text())
+        if (counted["config"]["florence2"], counted["config"]["llm"], counted["prompt_tokens"]) != (
+                args.florence2, args.llm, ids.shape[1]):
+            raise ValueError(f"--flops-from {args.flops_from} counted another model or prompt length")
+        vision_flops = counted["flops"]["vision"]
+        llm_flops = counted["flops"]["llm_prefill"] * args.layers / counted["config"]["layers"]
+        report["flops_source"] = f"vision counted in {args.flops_from}; LLM prefill scaled by layers from it"
+    else:
+        with torch.inference_mode():
+            with FlopCounterMode(display=False) as counter:
+                models[flop_variant].model.get_image_features(pixels_for(flop_variant))
+            vision_flops = counter.get_total_flops()
+            with FlopCounterMode(display=False) as counter:
+                models[flop_variant](**llm_inputs, logits_to_keep=1)
+            llm_flops = counter.get_total_flops()
     report["flops"] = {"vision": vision_flops, "llm_prefill": llm_flops, "ttft": vision_flops + llm_flops}
     print(json.dumps(report["flops"]), flush=True)
     write()

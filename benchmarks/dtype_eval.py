@@ -32,10 +32,11 @@ def load(folder, variant: str):
     if dtype not in ("float32", "bfloat16") or quantized not in ("", "int8wo"):
         raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
     kwargs = {}
-    if quantized:
-        from florence_vl.dtypes import int8_weight_only_config
+    if quantized:  # torchao int8 weight-only through transformers; the model keeps its vision part unquantized
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
 
-        kwargs["quantization_config"] = int8_weight_only_config()
+        kwargs["quantization_config"] = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
     return AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=getattr(torch, dtype),
                                                        **kwargs).eval()
 
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--reference", help="a report of this script: compare with its first variant's answers "
+                        "instead of running that variant again")
     parser.add_argument("--out")
     args = parser.parse_args()
     from transformers import AutoProcessor
@@ -80,7 +83,15 @@ def main() -> None:
                   machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                   torch=torch.__version__, transformers=transformers.__version__, n=args.n, seed=args.seed,
                   variants={})
-    reference = None
+    reference, reference_name = None, args.variants.split(",")[0]
+    if args.reference:
+        saved = json.loads(Path(args.reference).read_text())
+        if (saved["n"], saved["seed"]) != (args.n, args.seed):
+            raise ValueError(f"--reference has n={saved['n']}, seed={saved['seed']}; give --n {saved['n']} "
+                             f"--seed {saved['seed']}")
+        reference_name, first = next(iter(saved["variants"].items()))
+        reference = first["answers"]
+        report["reference"] = f"{reference_name} answers from {args.reference}"
     for variant in args.variants.split(","):
         model = load(CHECKPOINT, variant)
         start = time.perf_counter()
@@ -90,9 +101,9 @@ def main() -> None:
         differ = [dict(row, reference_answer=ref["answer"]) for row, ref in zip(rows, reference)
                   if row["answer"] != ref["answer"]]
         report["variants"][variant] = dict(scores=scores, same_answers=len(rows) - len(differ), differ=differ,
-                                           eval_seconds=seconds)
+                                           eval_seconds=seconds, answers=rows)
         print(f"{variant:>16}: overall {scores['overall']:.3f}, {len(rows) - len(differ)}/{len(rows)} answers equal "
-              f"to {args.variants.split(',')[0]}'s, {seconds:.0f} s", flush=True)
+              f"to {reference_name}'s, {seconds:.0f} s", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
         del model
