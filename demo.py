@@ -300,7 +300,7 @@ def launch(model: str | None = None, host: str | None = None, port: int | None =
 
 
 def export_space(directory: str | Path, model: str | None = None) -> Path:
-    """Write a folder a Hugging Face Space runs as-is: app.py (this file), dtypes.py, requirements, examples, the model."""
+    """Write a folder a Hugging Face Space runs as-is: app.py (this file), dtypes.py, requirements, examples, model."""
     directory = Path(directory)
     model = model or default_model()
     if directory.exists() and any(directory.iterdir()):

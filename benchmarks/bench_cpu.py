@@ -102,7 +102,8 @@ def machine_floors(size: int = 2048, bandwidth_mib: int = 1024, repeats: int = 5
             "read_gb_per_s": big.nbytes / sum_s / 1e9}
 
 
-def build(florence2: str, llm: str, layers: int, image_size: int, dtype: torch.dtype) -> FlorenceVLForConditionalGeneration:
+def build(florence2: str, llm: str, layers: int, image_size: int,
+          dtype: torch.dtype) -> FlorenceVLForConditionalGeneration:
     """Random weights, created directly in `dtype` (a full-depth 3B never exists in float32 here)."""
     text = LLMS[llm](layers)
     config = florence_vl_config(florence2, "toy", image_size, text_config=text.to_dict(),
@@ -157,13 +158,16 @@ def format_report(report: dict) -> str:
     """Markdown: one row per variant (medians), each time also as a multiple of its floor."""
     floors, config = report["floors"], report["config"]
     lines = [f"`{report['command']}`: Florence-2-{config['florence2']} at {config['image_size']} px + {config['llm']} "
-             f"widths, {config['layers']} LLM layers, {report['prompt_tokens']} prompt tokens, {config['new_tokens']} new "
-             f"tokens, {config['repeats']} timed rounds; torch {report['versions']['torch']}, "
-             f"{report['machine']['threads']} threads, load average at start {report['machine']['load_average'][0]:.1f}.",
+             f"widths, {config['layers']} LLM layers, {report['prompt_tokens']} prompt tokens, "
+             f"{config['new_tokens']} new tokens, {config['repeats']} timed rounds; "
+             f"torch {report['versions']['torch']}, "
+             f"{report['machine']['threads']} threads, load average at start "
+             f"{report['machine']['load_average'][0]:.1f}.",
              f"Floors measured in the run: GEMM fp32 {floors['gemm_gflops']['float32']:.0f} / bf16 "
              f"{floors['gemm_gflops']['bfloat16']:.0f} GFLOP/s, read bandwidth {floors['read_gb_per_s']:.1f} GB/s "
-             f"(copy {floors['copy_gb_per_s']:.1f}); FLOPs vision {report['flops']['vision'] / 1e12:.2f} T, LLM prefill "
-             f"{report['flops']['llm_prefill'] / 1e12:.2f} T; peak RSS {report['peak_rss_mb'] / 1024:.1f} GiB.", "",
+             f"(copy {floors['copy_gb_per_s']:.1f}); FLOPs vision {report['flops']['vision'] / 1e12:.2f} T, "
+             f"LLM prefill {report['flops']['llm_prefill'] / 1e12:.2f} T; "
+             f"peak RSS {report['peak_rss_mb'] / 1024:.1f} GiB.", "",
              "| variant | vision s (x floor) | TTFT s (x floor) | decode tokens/s (fraction of floor) | bytes/token |",
              "|---|---|---|---|---|"]
     for variant, row in report["results"].items():
@@ -232,7 +236,8 @@ def main(argv=None) -> dict:
     rss_start = status_mb("VmRSS")
     start = time.perf_counter()
     keep_fp32 = "float32" in variants
-    model = build(args.florence2, args.llm, args.layers, args.image_size, torch.float32 if keep_fp32 else torch.bfloat16)
+    model = build(args.florence2, args.llm, args.layers, args.image_size,
+                  torch.float32 if keep_fp32 else torch.bfloat16)
     models = {}
     for variant in variants:  # float32 first (the source of the others' weights when it is kept)
         models[variant] = model if variant == "float32" or not keep_fp32 and variant == "bfloat16" else \
@@ -254,7 +259,8 @@ def main(argv=None) -> dict:
     report["prompt_tokens"] = ids.shape[1]
     # The LLM part is timed on a text-only prompt of the same length (no second vision pass per round); TTFT is
     # reported as vision + LLM TTFT of the same round (the projector is in the vision part; splicing is negligible).
-    llm_ids = torch.tensor([[1] + [3 + (17 * i) % (config.text_config.vocab_size - 8) for i in range(ids.shape[1] - 1)]])
+    vocab = config.text_config.vocab_size
+    llm_ids = torch.tensor([[1] + [3 + (17 * i) % (vocab - 8) for i in range(ids.shape[1] - 1)]])
     llm_inputs = {"input_ids": llm_ids, "attention_mask": torch.ones_like(llm_ids)}
     vision_variants = [v for v in models if v in ("float32", "bfloat16")] or list(models)[:1]
     flop_variant = "bfloat16" if "bfloat16" in models else variants[0]
