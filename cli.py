@@ -24,18 +24,23 @@ def require_extra(extra: str, *modules: str) -> None:
                              f"pip install 'florence-vl[{extra}]'") from error
 
 
-def load(model_path: str, device: str = "cpu", dtype: str = "float32"):
+def load(model_path: str, device: str = "cpu", dtype: str = "auto"):
+    """Model (in eval mode, on `device`) and processor; `dtype` "auto" follows `florence_vl.dtypes.choose_dtype`."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging
 
+    from florence_vl.dtypes import choose_dtype
+
     logging.disable_progress_bar()
+    try:
+        dtype = choose_dtype(device, dtype)
+    except ValueError as error:
+        raise UsageError(f"--dtype/--device: {error}") from error
     if os.path.sep in model_path and not Path(model_path).exists():
         raise UsageError(f"model folder {model_path!r} does not exist")
     if Path(model_path).is_dir() and not (Path(model_path) / "config.json").exists():
         raise UsageError(f"{model_path!r} is not a model folder (no config.json)")
-    if not hasattr(torch, dtype):
-        raise UsageError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16")
     try:
         model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True,
                                                             dtype=getattr(torch, dtype))
@@ -171,14 +176,18 @@ def demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from florence_vl.dtypes import DTYPES
+
     parser = argparse.ArgumentParser(prog="florence-vl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def model_options(command):
+    def model_options(command, dtype: str = "auto"):
         command.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hub id (default: the "
                                                                      "shipped tiny shapes-and-words checkpoint)")
         command.add_argument("--device", default="cpu")
-        command.add_argument("--dtype", default="float32")
+        command.add_argument("--dtype", default=dtype, choices=DTYPES, help=f"default: {dtype}" + (
+            " (bfloat16 on a CPU with native bf16 (AVX512-BF16, AMX, Arm BF16) and on GPUs that have it; "
+            "float32 on other CPUs, float16 on other GPUs)" if dtype == "auto" else ""))
         command.add_argument("--max-new-tokens", type=int, default=32)
 
     chat_parser = commands.add_parser("chat", help="answer a question about an image")
@@ -195,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--batch-size", type=int, default=32)
     eval_parser.add_argument("--record", action="store_true", help="write the scores to MODEL/eval_results.json "
                                                                     "and into its model card (README.md)")
-    model_options(eval_parser)
+    model_options(eval_parser, dtype="float32")  # recorded scores: the same dtype on every machine
     eval_parser.set_defaults(run=eval_shapes)
 
     convert_parser = commands.add_parser("convert", help="convert an original Florence-VL checkpoint")

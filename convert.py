@@ -672,11 +672,18 @@ its BART encoder features for {len(config.vision_prompts)} task prompts ("breadt
 ## Usage
 
 ```python
+import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 repo = "{repo_id}"
-model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, dtype="auto")
+device = "cuda" if torch.cuda.is_available() else "cpu"
+if device == "cuda":
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+else:  # bfloat16 only on CPUs that compute in it natively (AVX512-BF16, AMX, Arm BF16): 3-4x faster there
+    flags = torch.cpu.get_capabilities()  # torch >= 2.11
+    dtype = torch.bfloat16 if any(flags.get(f) for f in ("avx512_bf16", "amx_bf16", "bf16")) else torch.float32
+model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, dtype=dtype).to(device)
 processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Describe the image."}}]}}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)

@@ -3,7 +3,9 @@
 Run it with `florence-vl demo` (needs `pip install 'florence-vl[demo]'`). This file depends only on
 gradio, torch, transformers and Pillow (the model code comes with the checkpoint through
 `trust_remote_code`), so `florence-vl demo --export-space DIR` can copy it unchanged into a Hugging Face
-Space as `app.py`, where `python app.py` serves the model `DIR/model.txt` names (or `$FLORENCE_VL_MODEL`).
+Space as `app.py` (with `dtypes.py`, the dtype policy, beside it), where `python app.py` serves the model
+`DIR/model.txt` names (or `$FLORENCE_VL_MODEL`) on `$FLORENCE_VL_DEVICE` (default cpu) in `$FLORENCE_VL_DTYPE`
+(default auto: bfloat16 on a CPU with native bf16, else float32; see `dtypes.choose_dtype`).
 The app opens only files Gradio received as uploads (see `read_upload`), never a server path a client names.
 """
 
@@ -27,6 +29,11 @@ from transformers import (
     StoppingCriteriaList,
     TextIteratorStreamer,
 )
+
+try:
+    from .dtypes import choose_dtype
+except ImportError:  # run as a Space's app.py: export_space copies dtypes.py beside it
+    from dtypes import choose_dtype
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES_DIR = HERE / "examples"
@@ -169,9 +176,8 @@ class StopOnEvent(StoppingCriteria):
 class Chat:
     """A loaded model and processor that stream answers to questions about one image."""
 
-    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32"):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "auto"):
+        dtype = choose_dtype(device, dtype)  # "auto": bfloat16 where the CPU/GPU has it natively
         if os.sep in model_path and not Path(model_path).exists():
             raise ValueError(f"model folder {model_path!r} does not exist")
         try:
@@ -332,7 +338,7 @@ def add_api(app: gr.Blocks, chat: Chat, concurrency_limit: int) -> None:
 
 
 def launch(model: str | None = None, host: str | None = None, port: int | None = None, device: str = "cpu",
-           dtype: str = "float32", concurrency_limit: int | None = None, share: bool = False,
+           dtype: str = "auto", concurrency_limit: int | None = None, share: bool = False,
            max_new_tokens: int = 48) -> None:
     """Load the model and serve the demo until interrupted."""
     from transformers.utils import logging
@@ -343,7 +349,8 @@ def launch(model: str | None = None, host: str | None = None, port: int | None =
     app = build_app(chat, limit, max_new_tokens)
     add_api(app, chat, limit)
     app.queue(default_concurrency_limit=limit, max_size=64)
-    print(f"Florence-VL demo: {chat.name} ({chat.size} parameters) on {device}, {limit} answer(s) at a time",
+    print(f"Florence-VL demo: {chat.name} ({chat.size} parameters) on {device} in {chat.dtype}, {limit} answer(s) "
+          "at a time",
           flush=True)
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, show_error=True,
                allowed_paths=[str(EXAMPLES_DIR)], theme=gr.themes.Soft(),
@@ -351,7 +358,8 @@ def launch(model: str | None = None, host: str | None = None, port: int | None =
 
 
 def export_space(directory: str | Path, model: str | None = None, device: str = "cpu") -> Path:
-    """Write a folder a Hugging Face Space runs as-is: app.py (this file), requirements, examples, the model.
+    """Write a folder a Hugging Face Space runs as-is: app.py (this file), dtypes.py, requirements, examples, the
+    model.
 
     `device` picks the torch build in requirements.txt: `cpu` (the default, a Space's free hardware) or `cuda`.
     A local model folder is copied beside app.py under its own name, which the page's header then shows.
@@ -363,10 +371,11 @@ def export_space(directory: str | Path, model: str | None = None, device: str = 
     if directory.exists() and any(directory.iterdir()):
         raise ValueError(f"{str(directory)!r} exists and is not empty; give a new folder")
     name = Path(model).resolve().name if Path(model).is_dir() else None
-    if name in {"app.py", "examples", "requirements.txt", "README.md", "model.txt"}:
+    if name in {"app.py", "dtypes.py", "examples", "requirements.txt", "README.md", "model.txt"}:
         raise ValueError(f"the model folder's name {name!r} clashes with a file of the Space; rename the folder")
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(__file__, directory / "app.py")
+    shutil.copyfile(HERE / "dtypes.py", directory / "dtypes.py")
     if EXAMPLES_DIR.is_dir():
         shutil.copytree(EXAMPLES_DIR, directory / "examples")
     if name:
@@ -389,4 +398,4 @@ def export_space(directory: str | Path, model: str | None = None, device: str = 
 
 
 if __name__ == "__main__":  # a Space runs `python app.py`; Gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
-    launch(device=os.environ.get("FLORENCE_VL_DEVICE", "cpu"))
+    launch(device=os.environ.get("FLORENCE_VL_DEVICE", "cpu"), dtype=os.environ.get("FLORENCE_VL_DTYPE", "auto"))

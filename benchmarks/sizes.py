@@ -39,6 +39,9 @@ LLM = {
                 num_key_value_heads=8, vocab_size=32064),
     "phi3.5-mini": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
                         num_key_value_heads=32, vocab_size=32064),
+    # Phi-3.5-mini widths at 2 layers: CPU runs at real width (bench_cpu.py, the compile check in bf16)
+    "phi3.5-mini-2l": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32064),
 }
 CLIP_VISION = {  # CLIP ViT-L/14-336, LLaVA-1.5's tower: 24x24 = 576 patch tokens
     "vit-l-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

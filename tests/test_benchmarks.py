@@ -98,3 +98,27 @@ def test_gpu_check_runs_its_steps_end_to_end_on_cpu(tmp_path):
     assert report["failures"] == [] and [r["implementation"] for r in report["results"]][0] == "sdpa"
     assert len(report["results"]) == 2 and "logit_cosine" in report["results"][1]["vs_sdpa"]
     assert all(is_positive_number(r["decode_tokens_per_s"]) and math.isfinite(r["loss"]) for r in report["results"])
+
+
+def test_cpu_dtype_benchmark_compares_variants_against_floors(tmp_path):
+    """bench_cpu.py at toy sizes: float32 and bf16 from the same weights, floors, FLOPs, the table.
+
+    (The int8 weight-only variant needs torchao, which is not a dependency.)"""
+    out = tmp_path / "cpu.json"
+    script = RUN_PY.parent / "bench_cpu.py"
+    completed = subprocess.run([sys.executable, str(script), "--florence2", "toy", "--llm", "toy", "--image-size", "64",
+                                "--repeats", "1", "--new-tokens", "3", "--text-tokens", "4", "--gemm-size", "256",
+                                "--bandwidth-mib", "64", "--variants", "float32,bfloat16", "--out", str(out)],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"float32", "bfloat16"}
+    assert all(is_positive_number(value) for value in (*report["floors"]["gemm_gflops"].values(),
+                                                       report["floors"]["read_gb_per_s"], report["flops"]["vision"]))
+    for row in report["results"].values():
+        assert is_positive_number(row["ttft_vs_floor"]) and is_positive_number(row["decode_fraction_of_floor"])
+    bf16, fp32 = (report["results"][name]["decode_bytes_per_token"] for name in ("bfloat16", "float32"))
+    assert bf16 < fp32
+    assert report["bf16_vs_fp32"]["bfloat16_llm_logits"]["same_argmax"]
+    table = subprocess.run([sys.executable, str(script), "--format", str(out)], capture_output=True, text=True)
+    assert "| bfloat16 |" in table.stdout and "bfloat16 vs float32 (paired per round)" in table.stdout

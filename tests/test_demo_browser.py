@@ -346,7 +346,8 @@ def test_stop_ends_the_answer_early():
 def test_exported_space_runs_without_the_package(space_app):
     """`florence-vl demo --export-space DIR` writes a folder that `python app.py` serves as a Space would."""
     space = space_app.space
-    assert {"app.py", "requirements.txt", "README.md", "model.txt", "examples", "florence-vl-tiny-shapes"} <= {
+    assert {"app.py", "dtypes.py", "requirements.txt", "README.md", "model.txt", "examples",
+            "florence-vl-tiny-shapes"} <= {
         path.name for path in space.iterdir()}
     card = (space / "README.md").read_text()
     assert "sdk: gradio\nsdk_version: 6." in card and 'python_version: "3.11"' in card  # what the tests ran on
