@@ -80,3 +80,13 @@ def test_vllm_vision_part_equals_the_transformers_model():
     expected = load_file(str(FEATURES))["features"]
     assert features.shape == expected.shape == (FEATURE_IMAGES, config.num_image_tokens, config.text_config.hidden_size)
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_api_key_middleware_refuses_to_start_without_a_key(monkeypatch):
+    """README's `--middleware florence_vl.vllm_plugin.RequireAPIKey` without `VLLM_API_KEY` must not serve openly
+    (Starlette builds middleware at server start, so this stops the start; the server tests check the 401s)."""
+    from florence_vl.vllm_plugin import RequireAPIKey
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="VLLM_API_KEY"):
+        RequireAPIKey(app=None)
