@@ -91,8 +91,8 @@ def free_port() -> int:
 def start_server(port: int, kv_cache_bytes: int, log_path: Path, tensor_parallel_size: int = 1) -> subprocess.Popen:
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(CHECKPOINT),
                "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--gpu-memory-utilization", "0.2", "--kv-cache-memory-bytes", str(kv_cache_bytes),
-               "--max-num-seqs", "64", "--seed", "0", "--tensor-parallel-size", str(tensor_parallel_size)]
+               "--kv-cache-memory-bytes", str(kv_cache_bytes), "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0",
+               "--tensor-parallel-size", str(tensor_parallel_size)]  # README's memory flags
     env = dict(os.environ)
     if tensor_parallel_size > 1:  # one core per rank (README "Tensor parallelism")
         cpus = sorted(os.sched_getaffinity(0))

@@ -7,11 +7,12 @@ image features are compared, on every rank, with the ones the transformers model
 rank's vision part with them the same way).
 """
 
+import functools
 import os
 
 import pytest
 from conftest import ENGINE_KWARGS
-from shapes_reference import CHECKPOINT, FEATURE_IMAGES, FEATURES, examples, load_reference
+from shapes_reference import CHECKPOINT, FEATURE_IMAGES, FEATURES, examples, load_reference, rank_summary
 from test_offline import chat, greedy, report_parity
 
 vllm = pytest.importorskip("vllm")
@@ -50,14 +51,7 @@ def test_each_rank_holds_half_the_llm_and_computes_the_one_rank_image_features(l
     pixel_values = processor.image_processor([item["image"] for item in examples()[:FEATURE_IMAGES]],
                                              return_tensors="pt")["pixel_values"]
 
-    def on_rank(model):
-        attention = model.language_model.model.layers[0].self_attn
-        with torch.inference_mode():
-            features = model.embed_multimodal(pixel_values=pixel_values)
-        return {"qkv_rows": attention.qkv_proj.weight.shape[0], "heads": attention.num_heads,
-                "vocab_rows": model.language_model.lm_head.weight.shape[0], "features": features.cpu()}
-
-    ranks = llm.apply_model(on_rank)
+    ranks = llm.apply_model(functools.partial(rank_summary, pixel_values=pixel_values))
     text = config.text_config
     expected = load_file(str(FEATURES))["features"]
     assert len(ranks) == TP
