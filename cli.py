@@ -161,7 +161,7 @@ def demo(args) -> None:
 
     try:
         if args.export_space:
-            folder = web_demo.export_space(args.export_space, args.model)
+            folder = web_demo.export_space(args.export_space, args.model, args.device)
             print(f"Space folder written to {folder}; upload it with: hf upload --repo-type space USER/NAME {folder}")
             return
         web_demo.launch(args.model, args.host, args.port, args.device, args.dtype, args.concurrency_limit,

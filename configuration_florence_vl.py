@@ -37,6 +37,38 @@ AUTO_MAP = {
 }
 
 
+LONGROPE_TYPES = ("longrope", "su")  # "su" is Phi-3's earlier name for longrope
+
+
+def with_longrope_factor(text_config: dict | PreTrainedConfig | None) -> dict | PreTrainedConfig | None:
+    """`text_config` with an explicit `factor` in its longrope parameters, if it has none.
+
+    Phi-3 longrope configs (the released Florence-VL LLMs, Phi-3.5-mini) give only `max_position_embeddings` and
+    `original_max_position_embeddings`; transformers 4.43 (which trained Florence-VL) and 5.x without `factor` both
+    scale attention by sqrt(1 + log(max / original) / log(original)), but 5.24 and later warn on every load of
+    such a config. Writing `factor = max / original` keeps that scaling and silences the warning. A dict is
+    copied, a config's `rope_parameters` is replaced in place; anything else is returned unchanged."""
+    if isinstance(text_config, PreTrainedConfig):
+        key, fields = "rope_parameters", vars(text_config)
+    elif isinstance(text_config, dict):  # a saved config says rope_parameters, the original's legacy rope_scaling
+        key, fields = ("rope_parameters" if text_config.get("rope_parameters") else "rope_scaling"), text_config
+    else:
+        return text_config
+    rope = fields.get(key)
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) not in LONGROPE_TYPES or "factor" in rope:
+        return text_config
+    # transformers prefers the top-level original_max_position_embeddings (Phi-3 keeps it there)
+    original = fields.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+    longest = fields.get("max_position_embeddings")
+    if not original or not longest:
+        return text_config
+    rope = {**rope, "factor": longest / original}
+    if isinstance(text_config, dict):
+        return {**text_config, key: rope}
+    text_config.rope_parameters = rope
+    return text_config
+
+
 @strict
 class FlorenceVLConfig(PreTrainedConfig):
     r"""
@@ -92,6 +124,7 @@ class FlorenceVLConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        self.text_config = with_longrope_factor(self.text_config)
         if SubConfigSpec is None:  # what `sub_configs_defaults` does on newer transformers
             for key, model_type in SUB_CONFIG_DEFAULT_TYPES.items():
                 value = getattr(self, key)

@@ -3,17 +3,21 @@
 Run it with `florence-vl demo` (needs `pip install 'florence-vl[demo]'`). This file depends only on
 gradio, torch, transformers and Pillow (the model code comes with the checkpoint through
 `trust_remote_code`), so `florence-vl demo --export-space DIR` can copy it unchanged into a Hugging Face
-Space as `app.py`, where `python app.py` serves the model found in `DIR/model` (or `$FLORENCE_VL_MODEL`).
+Space as `app.py`, where `python app.py` serves the model `DIR/model.txt` names (or `$FLORENCE_VL_MODEL`).
+The app opens only files Gradio received as uploads (see `read_upload`), never a server path a client names.
 """
 
+import io
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event, Thread
 
 import gradio as gr
+import gradio.utils as gradio_utils
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import (
@@ -27,19 +31,30 @@ from transformers import (
 HERE = Path(__file__).resolve().parent
 EXAMPLES_DIR = HERE / "examples"
 MAX_PIXELS = 40_000_000      # larger images are refused with a message (the processor resizes anyway)
-MAX_FILE_SIZE = "20mb"       # Gradio refuses bigger uploads in the page before they reach the server
+MAX_FILE_SIZE = 20 * gr.FileSize.MB  # Gradio refuses bigger uploads; the server never reads more than this
 MAX_QUESTION_CHARS = 2_000
 GRADIO_VERSION = "6.31.0"    # written into exported Spaces; the version the browser tests ran with
+NOT_UPLOADED = ("the image must be a file uploaded to this app (attach it in the page, or send it with gradio_client's"
+                " handle_file); paths on the server are not opened")
+# What an exported Space installs: the versions the tests ran with, and torch's CPU build (a Space's free hardware
+# has no GPU; PyPI's Linux torch wheel is the CUDA build, with several GB of nvidia-* packages). pip would prefer
+# 2.13.0+cpu from the extra index for a plain `torch==2.13.0` too, but `+cpu` is explicit and exists only on
+# PyTorch's index: a lost index line makes the install fail instead of quietly resolving the CUDA build.
+SPACE_REQUIREMENTS = {
+    "cpu": ["--extra-index-url https://download.pytorch.org/whl/cpu", "torch==2.13.0+cpu"],
+    "cuda": ["torch==2.13.0"],  # PyPI's Linux wheel is the CUDA build
+}
+SPACE_PINS = [f"gradio=={GRADIO_VERSION}", "transformers==5.25.0", "pillow==12.3.0"]
 
 
 def default_model() -> str:
-    """`$FLORENCE_VL_MODEL`, else `model/` or `model.txt` beside this file (a Space), else the tiny checkpoint."""
+    """`$FLORENCE_VL_MODEL`, else what `model.txt` beside this file names (an exported Space: a model folder beside
+    it, kept under the checkpoint's own name so the page shows that name, or a Hub id), else the tiny checkpoint."""
     if os.environ.get("FLORENCE_VL_MODEL"):
         return os.environ["FLORENCE_VL_MODEL"]
-    if (HERE / "model" / "config.json").exists():
-        return str(HERE / "model")
     if (HERE / "model.txt").exists():
-        return (HERE / "model.txt").read_text().strip()
+        model = (HERE / "model.txt").read_text().strip()
+        return str(HERE / model) if (HERE / model / "config.json").exists() else model
     return str(HERE / "checkpoints" / "florence-vl-tiny-shapes")
 
 
@@ -50,11 +65,50 @@ def default_concurrency(device: str) -> int:
     return 4
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Read an uploaded file as an RGB image, or raise ValueError saying what is wrong with it."""
-    name = Path(path).name
+def read_upload(path: str | os.PathLike) -> bytes:
+    """The bytes of a file Gradio received as an upload, or ValueError(NOT_UPLOADED).
+
+    A client chooses the path it sends, so only a regular file whose real path (symlinks resolved) lies in Gradio's
+    upload folder is read: a path elsewhere, a missing file, a FIFO, a device or a folder all get the same message
+    (the answer tells nothing about the server's files), nothing is opened that could block the worker (the check
+    is made on the opened descriptor too, opened non-blocking), and at most MAX_FILE_SIZE bytes are read.
+    """
+    uploads = Path(gradio_utils.get_upload_folder()).resolve()  # where Gradio's /upload route writes
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(uploads):
+        raise ValueError(NOT_UPLOADED)
     try:
-        with Image.open(path) as image:
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            raise ValueError(NOT_UPLOADED)
+        descriptor = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as error:
+        raise ValueError(NOT_UPLOADED) from error
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # replaced since os.stat
+            raise ValueError(NOT_UPLOADED)
+        with os.fdopen(descriptor, "rb", closefd=False) as file:
+            data = file.read(MAX_FILE_SIZE + 1)
+    finally:
+        os.close(descriptor)
+    if len(data) > MAX_FILE_SIZE:
+        raise ValueError(f"{real.name!r} is larger than {MAX_FILE_SIZE // gr.FileSize.MB} MB; upload a smaller image")
+    return data
+
+
+def uploaded_path(value) -> str:
+    """The path in an `/ask` request's image, which must be Gradio file data (`handle_file`), not a bare path."""
+    if isinstance(value, gr.FileData):
+        return value.path
+    if isinstance(value, dict) and (value.get("meta") or {}).get("_type") == "gradio.FileData" \
+            and isinstance(value.get("path"), str):
+        return value["path"]
+    raise ValueError(NOT_UPLOADED)
+
+
+def open_image(data: bytes, name: str) -> Image.Image:
+    """Decode an uploaded file as an RGB image, or raise ValueError saying what is wrong with it."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise ValueError(f"{name!r} is too large ({width}×{height} = {width * height / 1e6:.0f} megapixels);"
@@ -68,6 +122,11 @@ def open_image(path: str | Path) -> Image.Image:
         raise ValueError(f"{name!r} is not an image file; upload a PNG, JPEG, WebP, GIF or BMP image") from error
     except OSError as error:
         raise ValueError(f"{name!r} cannot be read as an image ({error})") from error
+
+
+def open_upload(path: str | os.PathLike) -> Image.Image:
+    """The uploaded image at `path` (see read_upload), or ValueError."""
+    return open_image(read_upload(path), Path(path).name)
 
 
 def count_parameters(model: torch.nn.Module) -> str:
@@ -175,7 +234,7 @@ def respond(chat: Chat, message: dict, history: list, conversation: Conversation
     if files:
         path = files[-1] if isinstance(files[-1], str) else files[-1]["path"]
         try:
-            image = open_image(path)
+            image = open_upload(path)
         except ValueError as error:
             yield fail(f"Cannot use this file: {error}.")
             return
@@ -261,8 +320,7 @@ def add_api(app: gr.Blocks, chat: Chat, concurrency_limit: int) -> None:
             if not question.strip():
                 raise ValueError("the question is empty: type a question about the image")
             answer = ""
-            path = image["path"] if isinstance(image, dict) else getattr(image, "path", image)
-            for answer in chat.stream(Conversation(image=open_image(path)), question.strip(),
+            for answer in chat.stream(Conversation(image=open_upload(uploaded_path(image))), question.strip(),
                                       int(max_new_tokens), float(temperature)):
                 pass
         except ValueError as error:
@@ -292,30 +350,41 @@ def launch(model: str | None = None, host: str | None = None, port: int | None =
                css="#status * { color: #b91c1c !important; }")  # messages about bad input in red
 
 
-def export_space(directory: str | Path, model: str | None = None) -> Path:
-    """Write a folder a Hugging Face Space runs as-is: app.py (this file), requirements, examples, the model."""
+def export_space(directory: str | Path, model: str | None = None, device: str = "cpu") -> Path:
+    """Write a folder a Hugging Face Space runs as-is: app.py (this file), requirements, examples, the model.
+
+    `device` picks the torch build in requirements.txt: `cpu` (the default, a Space's free hardware) or `cuda`.
+    A local model folder is copied beside app.py under its own name, which the page's header then shows.
+    """
     directory = Path(directory)
     model = model or default_model()
+    if device.split(":")[0] not in SPACE_REQUIREMENTS:
+        raise ValueError(f"cannot export a Space for device {device!r}; use --device cpu or --device cuda")
     if directory.exists() and any(directory.iterdir()):
         raise ValueError(f"{str(directory)!r} exists and is not empty; give a new folder")
+    name = Path(model).resolve().name if Path(model).is_dir() else None
+    if name in {"app.py", "examples", "requirements.txt", "README.md", "model.txt"}:
+        raise ValueError(f"the model folder's name {name!r} clashes with a file of the Space; rename the folder")
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(__file__, directory / "app.py")
     if EXAMPLES_DIR.is_dir():
         shutil.copytree(EXAMPLES_DIR, directory / "examples")
-    if Path(model).is_dir():
-        shutil.copytree(model, directory / "model")
-        model_line = "The model is in `model/`."
+    if name:
+        shutil.copytree(model, directory / name)
+        model_line = f"The model is in `{name}/`."
     else:
         model_line = f"The model is `{model}` on the Hub (set the `FLORENCE_VL_MODEL` variable to change it)."
-    (directory / "requirements.txt").write_text(  # a Space installs gradio itself, from sdk_version
-        "torch>=2.6\ntransformers>=5.24,<6\npillow>=10.1\n")
+    (directory / "model.txt").write_text(f"{name or model}\n")
+    (directory / "requirements.txt").write_text(
+        "\n".join([*SPACE_REQUIREMENTS[device.split(":")[0]], *SPACE_PINS]) + "\n")
+    gpu_line = " For GPU hardware: set the Space variable `FLORENCE_VL_DEVICE=cuda`." if device.startswith("cuda") \
+        else " It installs torch's CPU build (for a GPU, export with `--device cuda`)."
     (directory / "README.md").write_text(
         f"---\ntitle: Florence-VL demo\nemoji: 🖼️\ncolorFrom: blue\ncolorTo: green\nsdk: gradio\n"
-        f"sdk_version: {GRADIO_VERSION}\napp_file: app.py\npinned: false\nlicense: apache-2.0\n---\n\n"
+        f"sdk_version: {GRADIO_VERSION}\npython_version: \"3.11\"\napp_file: app.py\npinned: false\n"
+        f"license: apache-2.0\n---\n\n"
         f"# Florence-VL demo\n\nAsk questions about an image with a Florence-VL model (arXiv 2412.04424). "
-        f"{model_line}\n")
-    if not Path(model).is_dir():
-        (directory / "model.txt").write_text(model + "\n")
+        f"{model_line}{gpu_line}\n")
     return directory
 
 

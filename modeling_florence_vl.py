@@ -119,6 +119,25 @@ class FlorenceVLDaViT(Florence2VisionBackbone):
         return super().get_correct_attn_implementation(_davit_attention(requested_attention), is_init_check)
 
 
+class FlorenceVLPositionalEmbeddingCosine1D(Florence2VisionPositionalEmbeddingCosine1D):
+    """Florence-2's fixed temporal position table, cast to the features' dtype where it is used.
+
+    The table is a buffer, and engines that cast only parameters (DeepSpeed's bf16/fp16) leave it in float32 beside
+    bf16 weights; added to bf16 features it would promote them to float32 ahead of the bf16 image projection.
+    """
+
+    def forward(self, seq_embeds: torch.Tensor) -> torch.Tensor:
+        return super().forward(seq_embeds).to(seq_embeds.dtype)
+
+
+class FlorenceVLImageProjection(Florence2MultiModalProjector):
+    """Florence-2's image projection (positions, pooling, linear, norm) with the dtype-following temporal table."""
+
+    def __init__(self, config: Florence2Config):
+        super().__init__(config)
+        self.visual_temporal_embed = FlorenceVLPositionalEmbeddingCosine1D(config)
+
+
 class FlorenceVLVisionModel(PreTrainedModel):
     """Florence-2 without its decoder: DaViT, the image projection, and the BART encoder run once per prompt.
 
@@ -142,7 +161,7 @@ class FlorenceVLVisionModel(PreTrainedModel):
                  batch_prompts: bool = True):
         super().__init__(config)
         self.davit = FlorenceVLDaViT(config.vision_config)
-        self.davit_projector = Florence2MultiModalProjector(config)
+        self.davit_projector = FlorenceVLImageProjection(config)
         self.prompt_encoder = BartEncoder(config.text_config)
         self.prompt_ids = tuple(tuple(int(token) for token in row) for row in prompt_ids)
         self.include_image = include_image

@@ -1,6 +1,8 @@
 """Processor of Florence-VL: Florence-2 image preprocessing + the LLM tokenizer with `<image>` placeholders."""
 
+import functools
 import os
+from contextlib import contextmanager
 
 import numpy as np  # a hard dependency of transformers
 import torch
@@ -10,7 +12,8 @@ from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import is_vision_available
 
 if is_vision_available():
-    from PIL import Image, ImageOps
+    import PIL
+    from PIL import ExifTags, Image, ImageOps
 
 # Florence-2's normalisation (ImageNet statistics), as in its preprocessor_config.json.
 FLORENCE2_IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -70,6 +73,13 @@ CHAT_TEMPLATES = {
     "{%- endif -%}{%- endfor -%}",
 }
 IMAGE_ASPECT_RATIOS = ("pad", "resize")
+# The largest image (width x height) the processor accepts by default: Pillow's own decompression-bomb threshold
+# (its default `Image.MAX_IMAGE_PIXELS`, ~0.25 GB as 24-bit RGB; Pillow warns above it and refuses above twice it,
+# which is also vLLM's default limit). It passes 48-61 MP camera photos; the model sees 768 x 768 = 0.6 MP anyway.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Image processor arguments that change the resize: given at call time, they make the processor hand the full-size
+# image to the image processor (see `FlorenceVLProcessor._resize_target`).
+_RESIZE_KWARGS = ("do_resize", "size", "resample")
 
 
 def chat_family(model_type: str) -> str:
@@ -108,8 +118,8 @@ def florence2_image_processor(image_size: int = 768) -> CLIPImageProcessorPil:
     )
 
 
-def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
-    """HW, HWC or CHW arrays (1, 3 or 4 channels) of uint8, bool, int or float in [0, 1] -> PIL."""
+def _array_layout(array: np.ndarray, where: str) -> np.ndarray:
+    """HW, HWC or CHW arrays (1, 3 or 4 channels) -> HW or HWC (a view), or a ValueError naming the shape."""
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         array = array.transpose(1, 2, 0)
     if array.ndim == 3 and array.shape[-1] == 1:
@@ -119,6 +129,11 @@ def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
             f"{where}: cannot read an image from an array of shape {array.shape}; expected (H, W), (H, W, C) or "
             "(C, H, W) with C in 1, 3, 4."
         )
+    return array
+
+
+def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
+    """HW or HWC arrays (see `_array_layout`) of uint8, bool, int or float in [0, 1] -> PIL."""
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):
@@ -133,43 +148,177 @@ def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
 
 
 def _open_image(source: str | os.PathLike, where: str) -> Image.Image:
-    """A local path (opened as is, alpha and bit depth kept), URL or base64 string, decoded now."""
+    """A local path, opened lazily (Pillow reads the header: the size is known, nothing is decoded yet; alpha and
+    bit depth are kept), or a URL or base64 string (decoded by transformers' `load_image`, as RGB)."""
     try:
-        image = Image.open(source) if os.path.isfile(source) else load_image(str(source))
-        image.load()
+        return Image.open(source) if os.path.isfile(source) else load_image(str(source))
+    except Image.DecompressionBombError as error:  # more than twice PIL.Image.MAX_IMAGE_PIXELS: refused unread
+        raise ValueError(f"{where}: {error} Pillow refuses to read it; to accept it, raise PIL.Image.MAX_IMAGE_PIXELS "
+                         "and the processor's max_image_pixels.") from error
     except (OSError, ValueError) as error:
         raise ValueError(f"{where}: cannot read an image from {str(source)!r} ({error}).") from error
-    return image
 
 
-def to_rgb(image, where: str = "image") -> Image.Image:
-    """Any PIL mode, path, URL, numpy array or torch tensor -> an upright RGB PIL image (alpha on white)."""
+def _as_image(image, where: str, check_size=None) -> Image.Image:
+    """A PIL image from any accepted input. `check_size(width, height)` runs before a path is decoded or an array
+    converted."""
     if isinstance(image, (str, os.PathLike)):
         image = _open_image(image, where)
+        if check_size is not None:
+            try:
+                check_size(*image.size)
+            except ValueError:
+                image.close()  # lazily opened: the file is still open
+                raise
+        return image
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         image = (image.float() if image.dtype == torch.bfloat16 else image).numpy()  # numpy has no bfloat16
     if isinstance(image, np.ndarray):
-        image = _array_to_pil(image, where)
+        array = _array_layout(image, where)
+        if check_size is not None:
+            check_size(array.shape[1], array.shape[0])
+        return _array_to_pil(array, where)
     if not isinstance(image, Image.Image):
         raise TypeError(f"{where}: expected a PIL image, numpy array, torch tensor, path or URL, got {type(image)}.")
+    if check_size is not None:
+        check_size(*image.size)
+    return image
+
+
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _full_scale(image: Image.Image, rows_per_strip: int | None = None) -> float:
+    """The value that maps to 255 in a high-bit-depth image: 65535 for 16-bit modes and for 32-bit ones holding
+    values above 255, else 255. The maximum is taken strip by strip when `rows_per_strip` is given (same result)."""
+    if image.mode.startswith("I;16"):
+        return 65535.0
+    width, height = image.size
+    step = rows_per_strip or height
+    maxima = [np.asarray(image.crop((0, top, width, min(top + step, height))), dtype=np.float64).max()
+              for top in range(0, height, step)]
+    return 65535.0 if np.max(maxima) > 255 else 255.0  # np.max keeps a NaN, as array.max() did
+
+
+def _pointwise_rgb(image: Image.Image, full_scale: float = 255.0) -> Image.Image:
+    """The colour conversion of `to_rgb` (high bit depth scaled to 8 bits, alpha on white): each output pixel depends
+    on its own input pixel only, so converting strips of rows one at a time gives the same pixels."""
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(array / full_scale * 255.0, 0, 255).astype(np.uint8))
+    if image.mode == "La":  # premultiplied alpha: Pillow converts it to LA only
+        image = image.convert("LA")
+    if image.mode in ("RGBA", "RGBa", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """`ImageOps.exif_transpose`, without its full-size copy of an image that needs no turning."""
+    image.load()
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
+        return ImageOps.exif_transpose(image)
+    return image
+
+
+@contextmanager
+def _decoding_errors(where: str, mode: str):
+    """Pillow's errors while decoding or converting an image -> ValueErrors that name the image."""
     try:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):  # high bit depth: scale to 8 bits
-            array = np.asarray(image, dtype=np.float64)
-            top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-            image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8))
-        if image.mode == "La":  # premultiplied alpha: Pillow converts it to LA only
-            image = image.convert("LA")
-        if image.mode in ("RGBA", "RGBa", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return image.convert("RGB")
+        yield
     except OSError as error:  # truncated or corrupt file data is only decoded here
         raise ValueError(f"{where}: the image cannot be decoded ({error}).") from error
     except ValueError as error:  # a mode Pillow cannot convert to RGB
-        raise ValueError(f"{where}: cannot convert a PIL image of mode {image.mode!r} to RGB ({error}).") from error
+        raise ValueError(f"{where}: cannot convert a PIL image of mode {mode!r} to RGB ({error}).") from error
+
+
+def to_rgb(image, where: str = "image") -> Image.Image:
+    """Any PIL mode, path, URL, numpy array or torch tensor -> an upright RGB PIL image (alpha on white), full size.
+
+    `FlorenceVLProcessor` gets the same pixels through `resize_to_rgb` without full-size copies."""
+    image = _as_image(image, where)
+    with _decoding_errors(where, image.mode):
+        image = ImageOps.exif_transpose(image)
+        full_scale = _full_scale(image) if image.mode in _HIGH_BIT_DEPTH_MODES else 255.0
+        return _pointwise_rgb(image, full_scale)
+
+
+# Pixels of the source converted at a time by `resize_to_rgb`: 4 M (16 MB as RGB, 32 MB as float64 for 16-bit
+# images), so a strip is a small fraction of any image large enough for memory to matter.
+STRIP_PIXELS = 1 << 22
+
+
+def _vertical_pass_first(source_size: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether Pillow's `resize` runs its vertical pass first: since Pillow 13 when the height loses more than twice
+    as many pixels as the width (python-pillow/Pillow#9549); always horizontal first before."""
+    if int(PIL.__version__.split(".")[0]) < 13:
+        return False
+    (width, height), (out_width, out_height) = source_size, size
+    return height - out_height > 0 and height - out_height > 2 * (width - out_width)
+
+
+@functools.cache
+def _pass_order_is_known() -> bool:
+    """`_vertical_pass_first` checked against this Pillow's own `resize` on two small images, one of each order, so
+    that a future Pillow with another rule falls back to the full-size path instead of changing pixel values."""
+    rng = np.random.default_rng(0)
+    for source_size in ((12, 80), (80, 12)):
+        image = Image.fromarray(rng.integers(0, 256, (source_size[1], source_size[0], 3), dtype=np.uint8))
+        size, bicubic = (5, 6), Image.Resampling.BICUBIC
+        first = (source_size[0], size[1]) if _vertical_pass_first(source_size, size) else (size[0], source_size[1])
+        if not np.array_equal(np.asarray(image.resize(size, bicubic)),
+                              np.asarray(image.resize(first, bicubic).resize(size, bicubic))):
+            return False
+    return True
+
+
+def resize_to_rgb(image: Image.Image, size: tuple[int, int], resample: int,
+                  background: tuple[int, int, int] | None = None) -> Image.Image:
+    """`to_rgb(image)`, then `expand_to_square(…, background)` if `background` is given, then Pillow's
+    `resize(size, resample)`: the same pixels, bit for bit, without a full-size RGB or padded copy.
+
+    Pillow resizes in two passes, rounding to 8 bits in between (`_vertical_pass_first` says which comes first),
+    and each output row of a horizontal pass depends on one input row only (each column of a vertical pass on one
+    column). So strips of the padded image, rows or columns, are converted, padded and put through the first pass
+    one at a time into a buffer; a second `resize` runs the other pass on it. Memory above the decoded image: one
+    strip (`STRIP_PIXELS`) and the buffer (output side x the padded image's side x 4 bytes: 40 MB for a 13000-pixel
+    side at 768).
+    """
+    out_width, out_height = size
+    image = _upright(image)
+    width, height = image.size
+    side_width, side_height = (max(width, height),) * 2 if background is not None else (width, height)
+    left, upper = (side_width - width) // 2, (side_height - height) // 2
+    full_scale = 255.0
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        full_scale = _full_scale(image, max(1, STRIP_PIXELS // width))
+
+    def padded(x0: int, y0: int, x1: int, y1: int) -> Image.Image:
+        """The box (x0, y0, x1, y1) of the converted, padded image."""
+        strip = Image.new("RGB", (x1 - x0, y1 - y0), background or 0)
+        first_x, last_x = max(x0, left), min(x1, left + width)
+        first_y, last_y = max(y0, upper), min(y1, upper + height)
+        if first_x < last_x and first_y < last_y:
+            source = image.crop((first_x - left, first_y - upper, last_x - left, last_y - upper))
+            strip.paste(_pointwise_rgb(source, full_scale), (first_x - x0, first_y - y0))
+        return strip
+
+    if _vertical_pass_first((side_width, side_height), size):
+        step = max(1, STRIP_PIXELS // side_height)
+        buffer = Image.new("RGB", (side_width, out_height))
+        for x in range(0, side_width, step):
+            columns = min(step, side_width - x)
+            buffer.paste(padded(x, 0, x + columns, side_height).resize((columns, out_height), resample), (x, 0))
+    else:
+        step = max(1, STRIP_PIXELS // side_width)
+        buffer = Image.new("RGB", (out_width, side_height))
+        for y in range(0, side_height, step):
+            rows = min(step, side_height - y)
+            buffer.paste(padded(0, y, side_width, y + rows).resize((out_width, rows), resample), (0, y))
+    return buffer.resize(size, resample)
 
 
 def _holds_no_image(images) -> bool:
@@ -192,6 +341,14 @@ class FlorenceVLProcessor(ProcessorMixin):
             a square of the image mean colour, ImageNet mean x 255 = (123, 116, 103), before the resize) or "resize"
             (stretched to the square). A saved processor without this field predates it and was used with
             "resize", which it keeps.
+        max_image_pixels (`int`, *optional*): the largest image accepted, in pixels (width x height; default
+            `DEFAULT_MAX_IMAGE_PIXELS`, Pillow's decompression-bomb threshold); a larger one, or one whose longer side
+            exceeds `max_image_pixels` / the image processor's output width, is a ValueError, raised before a path
+            is decoded. `None` accepts any size. Saved in processor_config.json.
+
+    Images are converted, padded and resized in 8 bits, strip by strip (`resize_to_rgb`): the pixel values equal
+    those of `to_rgb` + `expand_to_square` + the image processor at full size, bit for bit, while memory above the
+    decoded image stays a few tens of MB whatever its size.
 
     A text that already starts with the tokenizer's BOS token gets no second one (unless `add_special_tokens` is
     given), so `processor(text=apply_chat_template(...))` and `apply_chat_template(..., tokenize=True)` give the
@@ -201,10 +358,15 @@ class FlorenceVLProcessor(ProcessorMixin):
     attributes = ["image_processor", "tokenizer"]
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_image_tokens: int = 577,
-                 image_token: str = "<image>", image_aspect_ratio: str = "pad", **kwargs):
+                 image_token: str = "<image>", image_aspect_ratio: str = "pad",
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r} must be one of {IMAGE_ASPECT_RATIOS}.")
         self.image_aspect_ratio = image_aspect_ratio
+        if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int)
+                                             or max_image_pixels < 1):
+            raise ValueError(f"max_image_pixels={max_image_pixels!r} must be a positive integer, or None for no limit.")
+        self.max_image_pixels = max_image_pixels
         if num_image_tokens < 1:
             raise ValueError(f"num_image_tokens={num_image_tokens} must be >= 1 (FlorenceVLConfig.num_image_tokens).")
         self.num_image_tokens = num_image_tokens
@@ -219,13 +381,49 @@ class FlorenceVLProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @classmethod
-    def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
-        """A saved processor without `image_aspect_ratio` was saved before the option existed: "resize"."""
-        return super().from_args_and_dict(args, {"image_aspect_ratio": "resize", **processor_dict}, **kwargs)
+    def get_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """A saved processor without `image_aspect_ratio` was saved before the option existed: "resize".
+
+        Filled in where the saved dict is read (`get_processor_dict`, the one step every transformers version from
+        5.16 to 5.25 shares) rather than where it becomes a processor, which changed in 5.25 (`from_dict`).
+        """
+        processor_dict, kwargs = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        return {"image_aspect_ratio": "resize", **processor_dict}, kwargs
 
     def background_colour(self) -> tuple[int, ...]:
         """The padding colour of "pad": the image processor's mean x 255, rounded down as the original does."""
         return tuple(int(value * 255) for value in self.image_processor.image_mean)
+
+    def check_image_size(self, width: int, height: int, where: str = "image") -> None:
+        """ValueError if a `width` x `height` image is over `max_image_pixels` (see the class docstring)."""
+        if self.max_image_pixels is None:
+            return
+        output_width = getattr(getattr(self.image_processor, "size", None), "width", None)
+        longest = self.max_image_pixels // output_width if output_width else None
+        if width * height > self.max_image_pixels or (longest is not None and max(width, height) > longest):
+            side = f" and a longer side of at most max_image_pixels / {output_width} = {longest:,}" if longest else ""
+            raise ValueError(
+                f"{where}: the image is {width}x{height} = {width * height:,} pixels; this processor accepts at most "
+                f"max_image_pixels={self.max_image_pixels:,} pixels{side}. Resize the image, or raise the limit: "
+                "FlorenceVLProcessor.from_pretrained(..., max_image_pixels=N), or \"max_image_pixels\" in "
+                "processor_config.json (null accepts any size)."
+            )
+
+    def _resize_target(self, call_kwargs: dict) -> tuple[tuple[int, int], int] | None:
+        """`((width, height), resample)` when the image processor resizes every image to one size with Pillow (as
+        Florence-2's does), which `resize_to_rgb` reproduces exactly; None otherwise (another backend, resize
+        arguments given at call time, a Pillow whose pass order is not known): then the image processor gets the
+        full-size image, as before."""
+        image_processor = self.image_processor
+        size = getattr(image_processor, "size", None)
+        resample = getattr(image_processor, "resample", None)
+        images_kwargs = call_kwargs.get("images_kwargs") or {}
+        overridden = any(key in call_kwargs or key in images_kwargs for key in _RESIZE_KWARGS)
+        if (overridden or getattr(image_processor, "backend", None) != "pil" or not image_processor.do_resize
+                or not getattr(size, "height", None) or not getattr(size, "width", None)
+                or not isinstance(resample, int) or not _pass_order_is_known()):
+            return None
+        return (size.width, size.height), resample
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         if videos is not None and len(videos) == 0:  # lmms-eval passes empty lists
@@ -235,18 +433,23 @@ class FlorenceVLProcessor(ProcessorMixin):
         if videos is not None or audio is not None:
             raise ValueError("Florence-VL takes images and text only; got videos or audio.")
         if images is not None:  # before the base class, whose loader turns paths into RGB (alpha lost)
-            images = self._convert_images(images)
+            images = self._convert_images(images, self._resize_target(kwargs))
             if _holds_no_image(images):  # [] or one empty list per text: a text-only batch
                 images = None
         return super().prepare_inputs_layout(images=images, text=text, **kwargs)
 
-    def _convert_images(self, images, where: str = "images"):
+    def _convert_images(self, images, target: tuple[tuple[int, int], int] | None, where: str = "images"):
         if isinstance(images, (list, tuple)):
-            return [self._convert_images(item, f"{where}[{index}]") for index, item in enumerate(images)]
+            return [self._convert_images(item, target, f"{where}[{index}]") for index, item in enumerate(images)]
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-            return [self._convert_images(image, f"{where}[{index}]") for index, image in enumerate(images)]
-        image = to_rgb(images, where)
-        return expand_to_square(image, self.background_colour()) if self.image_aspect_ratio == "pad" else image
+            return [self._convert_images(image, target, f"{where}[{index}]") for index, image in enumerate(images)]
+        image = _as_image(images, where, lambda width, height: self.check_image_size(width, height, where))
+        background = self.background_colour() if self.image_aspect_ratio == "pad" else None
+        if target is not None:
+            with _decoding_errors(where, image.mode):
+                return resize_to_rgb(image, *target, background=background)
+        image = to_rgb(image, where)
+        return image if background is None else expand_to_square(image, background)
 
     def __call__(self, images=None, text=None, videos=None, audio=None, audios=None, **kwargs):
         """`audios` is the old name of `audio` that lmms-eval still passes (empty); anything else is refused."""
@@ -293,5 +496,5 @@ class FlorenceVLProcessor(ProcessorMixin):
 
 FlorenceVLProcessor.register_for_auto_class()
 
-__all__ = ["CHAT_TEMPLATES", "DEFAULT_SYSTEM_PROMPTS", "END_OF_TURN", "FlorenceVLProcessor", "chat_family",
-           "end_of_turn_ids", "expand_to_square", "florence2_image_processor", "to_rgb"]
+__all__ = ["CHAT_TEMPLATES", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_SYSTEM_PROMPTS", "END_OF_TURN", "FlorenceVLProcessor",
+           "chat_family", "end_of_turn_ids", "expand_to_square", "florence2_image_processor", "resize_to_rgb", "to_rgb"]

@@ -13,6 +13,7 @@ Only the config and processor of this package are imported: they run on transfor
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers import BatchFeature
 from transformers.activations import ACT2FN
@@ -30,7 +31,8 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.media import MediaWithBytes
+from vllm.multimodal.parse import MultiModalDataItems, MultiModalDataParser
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
@@ -45,9 +47,31 @@ from .processing_florence_vl import FlorenceVLProcessor
 IMAGE_PLACEHOLDER = "<image>"
 
 
+class FlorenceVLDataParser(MultiModalDataParser):
+    """vLLM's parser, plus the processor's `max_image_pixels` check before vLLM converts, hashes or preprocesses an
+    image: a too-large image is a ValueError, which the server answers with 400 (vLLM has decoded it by then; its
+    own `VLLM_MAX_IMAGE_PIXELS` is checked before decoding)."""
+
+    def __init__(self, processor: FlorenceVLProcessor, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.processor = processor
+
+    def _parse_image_data(self, data):
+        items = data if isinstance(data, (list, tuple)) else [data]
+        for index, item in enumerate(items):
+            image = item.media if isinstance(item, MediaWithBytes) else item
+            if isinstance(image, Image.Image):
+                self.processor.check_image_size(*image.size, where=f"image {index}")
+        return super()._parse_image_data(data)
+
+
 class FlorenceVLProcessingInfo(BaseProcessingInfo):
     def get_hf_processor(self, **kwargs: object) -> FlorenceVLProcessor:
         return self.ctx.get_hf_processor(FlorenceVLProcessor, **kwargs)
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        return FlorenceVLDataParser(self.get_hf_processor(), expected_hidden_size=self._get_expected_hidden_size(),
+                                    allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}

@@ -2,19 +2,29 @@
 
     python benchmarks/gpu_check.py --out gpu_check.json     # CUDA: Florence-2-large + Phi-3.5-mini shapes, bf16
     python benchmarks/gpu_check.py --tiny                   # CPU, toy sizes, float32: the same steps in seconds
+    python benchmarks/gpu_check.py --tiny --zero3           # ... plus the ZeRO-3 launch on 2 CPU processes
 
 For `sdpa` and `flash_attention_2` (when flash-attn is installed; with `--tiny` and no flash-attn, `eager` stands
 in so that the comparison still runs) on one set of weights (`set_attn_implementation` switches in place):
 which implementation every attention layer resolved to (DaViT must stay on SDPA), greedy `generate` with TTFT and
 decode tokens/s, the prefill logits, and one training step (forward, backward, AdamW with lr 0 so the weights stay
 the same for the next implementation), with the loss and peak memory. Exits non-zero when an implementation
-crashes, DaViT is not on SDPA, or the outputs differ beyond bf16 tolerance. Under 8 minutes on one H100/H200.
+crashes, DaViT is not on SDPA, or the outputs differ beyond bf16 tolerance.
+
+Then (on by default with CUDA, `--zero3` with `--tiny`) one DeepSpeed ZeRO-3 run of the real training script:
+`accelerate launch --config_file train/accelerate/zero3.yaml train/sft.py` on every visible GPU (`zero3_cpu.yaml`, two
+CPU processes, with `--tiny`), bf16, 2 AdamW steps of stage 1 from `--model_config` (the same sizes) with the vision
+warm-up, then the saved folder: every tensor complete (ZeRO-3 gathers the 16-bit weights), bf16, and it loads and
+runs a forward pass. Needs `pip install florence-vl[deepspeed]`. Under 10 minutes on one H100/H200.
 """
 
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -146,6 +156,65 @@ def run(setting: str, implementations: list[str]) -> dict:
     return report
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def zero3_step(setting: str, workdir: Path) -> tuple[dict, list[str]]:
+    """DeepSpeed ZeRO-3: `accelerate launch` of train/sft.py (bf16, 2 steps from `--model_config`), then the saved
+    folder is checked: every tensor complete and bf16, and the model loads and runs. Returns (result, failures)."""
+    options = SETTINGS[setting]
+    config = florence_vl_config(options["florence2"], options["llm"], options["image_size"])
+    (workdir / "model.json").write_text(json.dumps(config.to_dict()))
+    out = workdir / "zero3"
+    on_cuda = options["device"] == "cuda"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if not on_cuda:
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    command = ["accelerate", "launch", "--config_file",
+               str(REPO / "train/accelerate" / ("zero3.yaml" if on_cuda else "zero3_cpu.yaml")),
+               "--num_processes", str(torch.cuda.device_count() if on_cuda else 2), "--mixed_precision", "bf16",
+               str(REPO / "train/sft.py"), "--stage", "pretrain", "--model_config", str(workdir / "model.json"),
+               "--tokenizer", "shapes", "--shapes_train_size", "16", "--per_device_train_batch_size", "2",
+               "--max_steps", "2", "--vision_freeze_steps", "1", "--optim", "adamw_torch", "--learning_rate", "1e-4",
+               "--bf16", "true", "--save_strategy", "no", "--logging_steps", "1", "--report_to", "none",
+               "--output_dir", str(out), "--use_cpu", str(not on_cuda).lower()]
+    start = time.perf_counter()
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    result = {"command": " ".join(command), "seconds": time.perf_counter() - start,
+              "losses": [float(value) for value in re.findall(r"'loss': '([0-9.e+-]+)'", completed.stdout)]}
+    if completed.returncode != 0:
+        return result, [f"zero3: the launch failed (exit {completed.returncode}): {completed.stderr[-3000:]}"]
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    saved = {}
+    for file in sorted(out.glob("*.safetensors")):
+        saved.update(load_file(file))
+    with torch.device("meta"):
+        expected = FlorenceVLForConditionalGeneration(config).state_dict()
+    failures = []
+    tied = {"lm_head.weight"} if config.text_config.tie_word_embeddings else set()  # saved once, as the embedding
+    wrong = sorted(name for name in expected.keys() - tied if name not in saved or saved[name].numel() == 0)
+    if wrong:
+        failures.append(f"zero3: {len(wrong)} tensors missing or empty in the saved folder, e.g. {wrong[:3]}")
+    dtypes = {str(tensor.dtype) for name, tensor in saved.items() if "pos_idx_to_embed" not in name}
+    if dtypes != {"torch.bfloat16"}:
+        failures.append(f"zero3: saved weights are {dtypes}, not bfloat16")
+    if len(result["losses"]) != 2 or not all(0 < loss < 100 for loss in result["losses"]):
+        failures.append(f"zero3: expected 2 finite losses, got {result['losses']}")
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).to(options["device"])
+    text_ids = [token for token in range(3, 10) if token != model.config.image_token_id][:3]
+    ids = prompt_ids(model.config.num_image_tokens, model.config.image_token_id, text_ids, options["device"])
+    pixels = torch.randn(1, 3, options["image_size"], options["image_size"], device=options["device"])
+    with torch.inference_mode():
+        logits = model(input_ids=ids, pixel_values=pixels.to(model.dtype)).logits
+    result.update(saved_tensors=len(saved), saved_dtypes=sorted(dtypes),
+                  loaded_forward_finite=bool(torch.isfinite(logits.float()).all()))
+    if not result["loaded_forward_finite"]:
+        failures.append("zero3: the saved model's logits are not finite")
+    return result, failures
+
+
 def print_table(report: dict) -> None:
     print(f"{report['device_name']}: Florence-2 `{report['florence2']}` + LLM `{report['llm']}` "
           f"({report['parameters'] / 1e9:.2f} B parameters), {report['dtype']}, {report['image_size']} px, "
@@ -162,6 +231,10 @@ def print_table(report: dict) -> None:
         for key, value in r.items():
             if key.startswith("vs_"):
                 print(f"  {r['implementation']} {key.replace('_', ' ')}: {value}")
+    if report.get("zero3"):
+        zero3 = report["zero3"]
+        print(f"DeepSpeed ZeRO-3 (train/sft.py, bf16, 2 steps): {zero3['seconds']:.1f} s, losses {zero3['losses']}, "
+              f"saved {zero3.get('saved_tensors')} tensors {zero3.get('saved_dtypes')}")
     for failure in report["failures"]:
         print("FAILED:", failure)
 
@@ -170,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU in float32 (checks the script runs)")
     parser.add_argument("--out", type=Path, help="where to write the JSON report")
+    parser.add_argument("--zero3", action=argparse.BooleanOptionalAction, default=None,
+                        help="the DeepSpeed ZeRO-3 launch of train/sft.py (default: on with CUDA, off with --tiny)")
     args = parser.parse_args(argv)
     implementations = ["sdpa"]
     if is_flash_attn_2_available():
@@ -179,7 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("flash-attn is not installed: checking sdpa only (pip install flash-attn for the flash row).")
     started = time.perf_counter()
-    report = run("tiny" if args.tiny else "real", implementations)
+    setting = "tiny" if args.tiny else "real"
+    report = run(setting, implementations)
+    if args.zero3 if args.zero3 is not None else not args.tiny:
+        if torch.cuda.is_available():  # hand the cached GPU memory of the checks above to the launched processes
+            torch.cuda.empty_cache()
+        with tempfile.TemporaryDirectory() as workdir:
+            try:
+                report["zero3"], failures = zero3_step(setting, Path(workdir))
+            except Exception as error:  # a check of the saved folder crashed: report it with the rest
+                report["zero3"], failures = {}, [f"zero3: {type(error).__name__}: {error}"]
+        report["failures"] += failures
     report["total_s"] = time.perf_counter() - started
     print_table(report)
     print(f"total {report['total_s']:.1f} s")

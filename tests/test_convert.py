@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import re
 
 import pytest
@@ -10,7 +11,15 @@ from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 from tiny import IMAGE_TOKEN_ID, SPECIAL_TOKENS, TEXT_CONFIGS, tiny_config, tiny_florence2_config, tiny_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import AutoConfig, AutoModelForCausalLM, Florence2ForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    Florence2ForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as transformers_logging
 
 from florence_vl import FlorenceVLForConditionalGeneration, FlorenceVLProcessor
 from florence_vl.configuration_florence_vl import DEFAULT_VISION_PROMPT_IDS, DEFAULT_VISION_PROMPTS
@@ -122,6 +131,35 @@ def test_from_pretrained_parts_copies_the_parts_and_adds_the_image_token(parts, 
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, logits)
     assert {"processing_florence_vl.py", "README.md", "model.safetensors"} <= set(files_to_upload(tmp_path))
+
+
+def test_from_pretrained_parts_with_a_longrope_phi3_saves_a_config_that_loads_without_a_rope_warning(parts, tmp_path):
+    """Phi-3.5-mini's config (longrope, no `factor`) makes transformers >= 5.24 warn on every load: the built
+    config states factor = max / original positions, the same attention scaling, and the saved model reloads
+    (remote code) without a rope warning and with the same logits."""
+    root, _, _ = parts
+    tokenizer = llm_tokenizer_without_image_token()
+    head_dim = TEXT_CONFIGS["phi3"]["hidden_size"] // TEXT_CONFIGS["phi3"]["num_attention_heads"]
+    rope = {"rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(head_dim // 2)],
+            "long_factor": [2.0 + i / 4 for i in range(head_dim // 2)]}
+    llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**dict(
+        TEXT_CONFIGS["phi3"], vocab_size=len(tokenizer), original_max_position_embeddings=64, rope_parameters=rope)))
+    llm.save_pretrained(root / "phi3")
+    tokenizer.save_pretrained(root / "phi3")
+    assert "factor" not in json.loads((root / "phi3" / "config.json").read_text())["rope_parameters"]
+
+    model, processor = from_pretrained_parts(str(root / "florence2"), str(root / "phi3"), image_size=64)
+    assert model.config.text_config.rope_parameters["factor"] == 512 / 64
+    scaling = model.model.language_model.rotary_emb.attention_scaling
+    assert scaling == pytest.approx(llm.model.rotary_emb.attention_scaling, rel=1e-12) and scaling > 1
+    save_for_hub(model, processor, tmp_path)
+    logging.Logger.warning_once.cache_clear()  # transformers' once-only warnings may have been shown already
+    with CaptureLogger(transformers_logging.get_logger("transformers")) as captured:
+        reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)
+    assert "rope" not in captured.out.lower(), captured.out
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
 
 # ------------------------------------------------------------------------------------------ original checkpoints

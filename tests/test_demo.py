@@ -1,5 +1,6 @@
 """The shipped tiny shapes-and-words checkpoint: the README demo, the pipeline and the CLI answer correctly."""
 
+import configparser
 import filecmp
 import json
 import os
@@ -140,3 +141,15 @@ def test_ci_runs_exactly_the_readme_test_command():
     command = blocks[1].strip()
     assert "\n" not in command and "tests/run.sh" in command, command
     assert command in (REPO / ".ci" / "run").read_text().splitlines(), command
+
+
+def test_selenium_is_installed_for_the_tests_not_by_the_demo_extra():
+    """`pip install florence-vl[demo]` installs what the demo runs (gradio), not the browser tests' Selenium, which
+    comes with the `dev` extra that tests/run.sh installs."""
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    extras = {name: value.split() for name, value in config["options.extras_require"].items()}
+    assert not [need for need in extras["demo"] if need.startswith("selenium")], extras
+    assert [need for need in extras["dev"] if need.startswith("selenium")], extras
+    installed = re.search(r'pip install -q -e "\.\[([\w,]+)\]"', (REPO / "tests" / "run.sh").read_text()).group(1)
+    assert {"dev", "demo"} <= set(installed.split(",")), installed

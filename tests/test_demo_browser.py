@@ -1,6 +1,8 @@
-"""`florence-vl demo`: the Gradio app, started through the CLI, used in headless Chromium and via gradio_client.
+"""`florence-vl demo` and an exported Space: the Gradio app, started as users start it, used in headless Chromium,
+via gradio_client and by raw HTTP requests that try to make it open server files.
 
-Needs the `demo` extra (gradio, selenium) and Debian's chromium + chromium-driver (tests/install_browser.sh).
+Needs the `demo` extra (gradio), the `dev` extra (selenium) and Debian's chromium + chromium-driver
+(tests/install_browser.sh).
 Set FLORENCE_VL_UPDATE_SCREENSHOT=1 to also refresh the README's screenshot docs/demo.png.
 """
 
@@ -13,11 +15,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from florence_vl.demo import NOT_UPLOADED, SPACE_PINS
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -45,9 +49,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(command: list[str], port: int, log: Path, cwd: Path = REPO):
+def start(command: list[str], port: int, log: Path, cwd: Path = REPO, env: dict | None = None):
     """Start a server process and wait until its page answers on `port`; return (process, url)."""
-    process = subprocess.Popen(command, cwd=cwd, env={**ENV, "GRADIO_SERVER_PORT": str(port)},
+    process = subprocess.Popen(command, cwd=cwd, env={**ENV, **(env or {}), "GRADIO_SERVER_PORT": str(port)},
                                stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
@@ -72,19 +76,47 @@ def stop(process) -> None:
         process.kill()
 
 
+class App:
+    """A running app (the demo or an exported Space) with its own Gradio upload folder (GRADIO_TEMP_DIR)."""
+
+    def __init__(self, command: list[str], folder: Path, cwd: Path = REPO):
+        self.uploads, self.log = folder / "uploads", folder / "server.log"
+        self.uploads.mkdir()
+        self.process, self.url = start(command, free_port(), self.log, cwd, {"GRADIO_TEMP_DIR": str(self.uploads)})
+
+    def close(self) -> None:
+        alive = self.process.poll() is None
+        stop(self.process)
+        assert alive, f"the app died:\n{self.log.read_text()[-3000:]}"
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def demo_app(tmp_path_factory):
     """`florence-vl demo` on the shipped tiny checkpoint, on a free loopback port."""
-    log = tmp_path_factory.mktemp("demo") / "server.log"
-    port = free_port()
-    command = [sys.executable, "-m", "florence_vl.cli", "demo", "--host", "127.0.0.1", "--port", str(port),
-               "--concurrency-limit", "3"]  # more than one answer at a time: generate() runs in parallel threads
-    process, url = start(command, port, log)
-    assert "3 answer(s) at a time" in log.read_text()
-    yield url
-    alive = process.poll() is None
-    stop(process)
-    assert alive, f"the demo server died:\n{log.read_text()[-3000:]}"
+    app = App([sys.executable, "-m", "florence_vl.cli", "demo", "--host", "127.0.0.1", "--concurrency-limit", "3"],
+              tmp_path_factory.mktemp("demo"))  # more than one answer at a time: generate() runs in parallel threads
+    assert "3 answer(s) at a time" in app.log.read_text()
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def server(demo_app):
+    return demo_app.url
+
+
+@pytest.fixture(scope="module")
+def space_app(tmp_path_factory):
+    """`florence-vl demo --export-space DIR`, then its app.py served as a Space does, without this package."""
+    folder = tmp_path_factory.mktemp("space")
+    result = subprocess.run([sys.executable, "-m", "florence_vl.cli", "demo", "--export-space", str(folder / "space")],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    blocked = "import sys, runpy; sys.modules['florence_vl'] = None; runpy.run_path('app.py', run_name='__main__')"
+    app = App([sys.executable, "-c", blocked], folder, cwd=folder / "space")
+    app.space = folder / "space"
+    yield app
+    app.close()
 
 
 @pytest.fixture(scope="module")
@@ -311,23 +343,117 @@ def test_stop_ends_the_answer_early():
     assert 0 < len(partial) < len(full) / 2 and full.startswith(partial.strip()), (partial, full)
 
 
-def test_exported_space_runs_without_the_package(tmp_path):
+def test_exported_space_runs_without_the_package(space_app):
     """`florence-vl demo --export-space DIR` writes a folder that `python app.py` serves as a Space would."""
-    space = tmp_path / "space"
-    result = subprocess.run([sys.executable, "-m", "florence_vl.cli", "demo", "--export-space", str(space)],
-                            env=ENV, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert {"app.py", "requirements.txt", "README.md", "examples", "model"} <= {p.name for p in space.iterdir()}
-    assert "sdk: gradio\nsdk_version: 6." in (space / "README.md").read_text()
-    assert "transformers>=5.24,<6" in (space / "requirements.txt").read_text()
-    blocked = "import sys, runpy; sys.modules['florence_vl'] = None; runpy.run_path('app.py', run_name='__main__')"
-    process, url = start([sys.executable, "-c", blocked], free_port(), tmp_path / "space.log", cwd=space)
-    try:
-        answer = Client(url, verbose=False).predict(handle_file(str(EXAMPLES / "shapes_3.png")), QUESTION,
-                                                    api_name="/ask")
-        assert normalize(answer) == "cat"
-    finally:
-        stop(process)
+    space = space_app.space
+    assert {"app.py", "requirements.txt", "README.md", "model.txt", "examples", "florence-vl-tiny-shapes"} <= {
+        path.name for path in space.iterdir()}
+    card = (space / "README.md").read_text()
+    assert "sdk: gradio\nsdk_version: 6." in card and 'python_version: "3.11"' in card  # what the tests ran on
+    assert (space / "requirements.txt").read_text().splitlines() == [
+        "--extra-index-url https://download.pytorch.org/whl/cpu", "torch==2.13.0+cpu", *SPACE_PINS]
+    with urllib.request.urlopen(f"{space_app.url}config", timeout=30) as response:
+        config = json.load(response)
+    header = next(c["props"]["value"] for c in config["components"] if c["props"].get("elem_id") == "model-info")
+    assert "Model **florence-vl-tiny-shapes**" in header, header  # the checkpoint's name, not the folder "model"
+    answer = Client(space_app.url, verbose=False).predict(handle_file(str(EXAMPLES / "shapes_3.png")), QUESTION,
+                                                          api_name="/ask")
+    assert normalize(answer) == "cat"
+
+
+def call(url: str, api_name: str, data: list) -> tuple[str, object]:
+    """POST `data` to an endpoint as any HTTP client can (gradio_client would upload a local path itself); return
+    the final event's kind and payload. Fails after 60 s (a worker blocked on a FIFO: the stream sends heartbeats)."""
+    request = urllib.request.Request(f"{url}gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        event_id = json.load(response)["event_id"]
+    deadline, kind = time.monotonic() + 60, None
+    with urllib.request.urlopen(f"{url}gradio_api/call/{api_name}/{event_id}", timeout=60) as response:
+        for line in response:
+            line = line.decode().rstrip("\n")
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: ") and kind in ("complete", "error"):
+                return kind, json.loads(line.removeprefix("data: "))
+            assert time.monotonic() < deadline, f"no answer from /{api_name} within 60 s: is the worker blocked?"
+    raise AssertionError(f"/{api_name}'s event stream ended without a result")
+
+
+def file_data(path) -> dict:
+    return {"path": str(path), "meta": {"_type": "gradio.FileData"}}
+
+
+# What Gradio itself answers for file data outside its upload folder (before the demo's code runs): it names only
+# the path the client sent, whether or not that path exists.
+NOT_BY_A_USER = "Cannot move PATH to the gradio cache dir because it was not uploaded by a user."
+NOT_FILE_DATA = "(Gradio refuses a file without its metadata in /chat)"
+
+
+def refusal(url: str, endpoint: str, image) -> str:
+    """Send `image` to `/ask` or `/chat` by raw HTTP; assert no answer came; return the message, with the path the
+    client sent replaced by PATH (Gradio's own refusal quotes it)."""
+    if endpoint == "ask":
+        kind, payload = call(url, "ask", [image, QUESTION, 48, 0.0])
+        assert kind == "error", payload
+        message = payload["error"]
+    else:
+        kind, payload = call(url, "chat", [{"text": QUESTION, "files": [image]}, [], 48, 0.0])
+        assert kind == "error" or not [turn for turn in payload[0] if turn["role"] == "assistant"], payload
+        message = payload["error"] if kind == "error" else \
+            payload[-1].removeprefix("⚠️ **Cannot use this file: ").removesuffix(".**")
+    if "The 'meta' field must be explicitly provided" in message:  # Gradio's check of the page's file data
+        message = NOT_FILE_DATA
+    return message.replace(image if isinstance(image, str) else image["path"], "PATH")
+
+
+@pytest.mark.parametrize("endpoint", ["ask", "chat"])
+@pytest.mark.parametrize("which", ["demo", "space"])
+def test_only_uploaded_files_are_opened(which, endpoint, request, tmp_path):
+    """Server paths sent as strings, dicts or Gradio file data are refused, with one message whether the path exists
+    or not; a FIFO does not block the worker; at most 20 MB are read; the app answers an upload right after each."""
+    app = request.getfixturevalue(f"{which}_app")
+    secret = tmp_path / "secret.png"  # an image the server can read but nobody uploaded
+    shutil.copyfile(EXAMPLES / "shapes_3.png", secret)
+    os.mkfifo(tmp_path / "pipe.png")
+    planted = app.uploads / f"planted-{uuid.uuid4().hex}"  # what a local user could put in the upload folder
+    planted.mkdir()
+    os.mkfifo(planted / "pipe.png")
+    (planted / "secret.png").symlink_to(secret)
+    (planted / "passwd.png").symlink_to("/etc/passwd")
+    shutil.copyfile(EXAMPLES / "shapes_3.png", planted / "image.png")  # readable, but not sent as file data
+    with open(planted / "big.png", "wb") as file:
+        file.truncate(20 * 2**20 + 1)  # sparse: over the 20 MB cap without writing it
+    attacks = {"a server path as a string": str(secret),
+               "a dict without Gradio's file metadata": {"path": str(secret)},
+               "a path in the upload folder as a string": str(planted / "image.png"),
+               "a dict without metadata in the upload folder": {"path": str(planted / "image.png")},
+               "/etc/passwd": file_data("/etc/passwd"),
+               "an image outside the upload folder": file_data(secret),
+               "a missing file": file_data(tmp_path / "missing.png"),
+               "a FIFO": file_data(tmp_path / "pipe.png"),
+               "a missing file in the upload folder": file_data(planted / "missing.png"),
+               "a FIFO in the upload folder": file_data(planted / "pipe.png"),
+               "a symlink out of the upload folder": file_data(planted / "secret.png"),
+               "a symlink to /etc/passwd": file_data(planted / "passwd.png"),
+               "the upload folder itself": file_data(app.uploads),
+               "a file over 20 MB": file_data(planted / "big.png")}
+    client, messages = Client(app.url, verbose=False), {}
+    for what, image in attacks.items():
+        messages[what] = refusal(app.url, endpoint, image)
+        if endpoint == "ask":
+            answer = client.predict(handle_file(str(EXAMPLES / "shapes_3.png")), QUESTION, api_name="/ask")
+        else:
+            answer = last_answer(chat(client, EXAMPLES / "shapes_3.png", QUESTION).result(timeout=60)[0])
+        assert normalize(answer) == "cat", (what, answer)
+    assert messages.pop("a file over 20 MB") == "'big.png' is larger than 20 MB; upload a smaller image"
+    assert set(messages.values()) <= {NOT_UPLOADED, NOT_BY_A_USER, NOT_FILE_DATA}, messages
+    assert messages["/etc/passwd"] == messages["an image outside the upload folder"] == messages["a missing file"]
+    assert messages["a missing file in the upload folder"] == messages["a FIFO in the upload folder"] == \
+        messages["the upload folder itself"] == NOT_UPLOADED
+    if endpoint == "ask":  # Gradio's /chat refuses these itself; /ask leaves them to the demo
+        assert messages["a server path as a string"] == messages["a dict without Gradio's file metadata"] == \
+            messages["a path in the upload folder as a string"] == NOT_UPLOADED
 
 
 def test_cli_demo_errors_are_one_line_with_exit_code_2(tmp_path):
@@ -335,3 +461,28 @@ def test_cli_demo_errors_are_one_line_with_exit_code_2(tmp_path):
                             env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"florence-vl: error: model folder {str(tmp_path / 'missing')!r} does not exist"], result.stderr
+
+
+def test_space_requirements_resolve_to_torch_cpu_and_the_tested_pins(tmp_path):
+    """The exported requirements.txt resolves (`pip install --dry-run`: nothing installed) to torch's CPU build and
+    the pinned gradio/transformers/pillow, with no nvidia-* package. PyTorch's index is unreachable from this machine:
+    the same `+cpu` wheel comes from pip's configured find-links, so the index line is left out of the dry run."""
+    from florence_vl.demo import export_space
+
+    lines = (export_space(tmp_path / "space") / "requirements.txt").read_text().splitlines()
+    assert lines[0] == "--extra-index-url https://download.pytorch.org/whl/cpu"
+    (tmp_path / "here.txt").write_text("\n".join(lines[1:]) + "\n")
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
+                             "--report", str(tmp_path / "report.json"), "-r", str(tmp_path / "here.txt")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolved = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+                for item in json.loads((tmp_path / "report.json").read_text())["install"]}
+    assert resolved["torch"] == "2.13.0+cpu"
+    assert [f"{name}=={resolved[name]}" for name in ("gradio", "transformers", "pillow")] == SPACE_PINS
+    assert not [name for name in resolved if name.startswith("nvidia")], resolved
+
+    cuda = (export_space(tmp_path / "gpu-space", device="cuda") / "requirements.txt").read_text().splitlines()
+    assert cuda == ["torch==2.13.0", *SPACE_PINS]  # PyPI's Linux wheel: the CUDA build, for GPU hardware
+    with pytest.raises(ValueError, match="'mps'.*--device cpu or --device cuda"):
+        export_space(tmp_path / "other", device="mps")

@@ -3,10 +3,13 @@
 tests/fixtures/original/ was written by `make_fixture.py` running the original code (llava/, transformers 4.43.1;
 see its docstring for what it patches): a tiny checkpoint in the original training code's own layout, and what the
 original computed from it. Here the checkpoint is converted with `florence-vl convert` in a fresh process and the
-result must reproduce the original: pixel values 1e-5, projected image features and logits 1e-4, token ids equal.
+result must reproduce the original: pixel values 1e-5, projected image features and logits 1e-4 (also for a prompt
+past Phi-3's original_max_position_embeddings, on the long rope factors), token ids equal.
 """
 
 import json
+import logging
+import math
 import os
 import shutil
 import subprocess
@@ -18,6 +21,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedTokenizerFast
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as transformers_logging
 
 from florence_vl import CHAT_TEMPLATES, FlorenceVLProcessor
 from florence_vl.processing_florence_vl import florence2_image_processor
@@ -35,11 +40,16 @@ def convert(src: Path, dst: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
+def conversion(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     dst = tmp_path_factory.mktemp("converted")
     result = convert(FIXTURE / "checkpoint", dst)
     assert result.returncode == 0, result.stderr[-3000:]
-    return dst
+    return dst, result
+
+
+@pytest.fixture(scope="module")
+def converted(conversion) -> Path:
+    return conversion[0]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +112,43 @@ def test_image_features_and_logits_match_the_original(loaded, reference):
         logits = model(**inputs).logits
     vocabulary = reference["logits"].shape[-1]  # the converter appended `<image>` to the vocabulary
     torch.testing.assert_close(logits[..., :vocabulary], reference["logits"], atol=1e-4, rtol=0)
+
+
+def test_prompt_past_original_max_positions_matches_the_original_long_rope(loaded, reference):
+    """A prompt longer than Phi-3's `original_max_position_embeddings` switches every position to the long rope
+    factors (the original, with its 2048-token cut turned off, computed these logits)."""
+    model, processor = loaded
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": REFERENCE["long_question"]}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == REFERENCE["prompts"]["phi3_long"]
+    image = images()[REFERENCE["images"].index(REFERENCE["long_logits_image"])]
+    inputs = processor(text=prompt, images=image, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == expected_ids(reference["input_ids.phi3_long"][0].tolist(), processor)
+    original_max = model.config.text_config.rope_parameters["original_max_position_embeddings"]
+    assert inputs["input_ids"].shape[1] > original_max
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    vocabulary = reference["long.logits"].shape[-1]
+    torch.testing.assert_close(logits[:, reference["long.positions"], :vocabulary], reference["long.logits"],
+                               atol=1e-4, rtol=0)
+
+
+def test_longrope_checkpoint_converts_and_loads_without_a_rope_warning(conversion):
+    """transformers >= 5.25 warns on every load of a Phi-3 longrope config without `factor`: the converted config
+    states it (max / original positions, the ratio transformers 4.43 scaled attention by) and loads silently."""
+    dst, result = conversion
+    assert "rope" not in result.stderr.lower(), result.stderr[-3000:]
+    original = json.loads((FIXTURE / "checkpoint" / "config.json").read_text())
+    rope = json.loads((dst / "config.json").read_text())["text_config"]["rope_parameters"]
+    assert rope["factor"] == original["max_position_embeddings"] / original["original_max_position_embeddings"]
+
+    logging.Logger.warning_once.cache_clear()  # transformers' once-only warnings may have been shown already
+    with CaptureLogger(transformers_logging.get_logger("transformers")) as captured:
+        model = AutoModelForImageTextToText.from_pretrained(dst, trust_remote_code=True, dtype=torch.float32)
+    assert "rope" not in captured.out.lower(), captured.out
+    scale = original["max_position_embeddings"] / original["original_max_position_embeddings"]
+    expected = math.sqrt(1 + math.log(scale) / math.log(original["original_max_position_embeddings"]))  # 4.43.1's
+    assert model.model.language_model.rotary_emb.attention_scaling == pytest.approx(expected, rel=1e-12)
 
 
 def test_llava_llama_checkpoint_matches_the_original(tmp_path, reference):

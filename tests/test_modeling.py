@@ -373,6 +373,23 @@ def test_gradient_reaches_every_parameter(inputs):
     assert set(parameters) == {name for name in parameters if name.startswith(tuple(PARAMETER_GROUPS.values()))}
 
 
+@pytest.mark.parametrize("llm", ["llama", "phi3"])
+def test_bf16_weights_beside_float32_buffers_train_like_the_all_bf16_model(llm, inputs):
+    """DeepSpeed's bf16 casts the parameters and leaves the buffers (Florence-2's position table, the LLM's rotary
+    frequencies) in float32: forward and backward must run so and give the all-bf16 model's loss."""
+    all_bf16 = build_model(llm=llm).to(torch.bfloat16).train()
+    model = build_model(llm=llm).train()
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(torch.bfloat16)
+    assert {buffer.dtype for buffer in model.buffers()} == {torch.float32}
+    loss = model(**inputs, labels=labels_for(inputs)).loss
+    loss.backward()
+    assert all(parameter.grad is not None and parameter.grad.dtype == torch.bfloat16
+               for parameter in model.parameters())
+    expected = all_bf16(**inputs, labels=labels_for(inputs)).loss
+    assert torch.isfinite(loss) and abs(loss.item() - expected.item()) <= 0.02 * expected.item()
+
+
 @pytest.mark.parametrize("hidden_size", [32, 128, 1024])
 def test_fresh_projector_keeps_the_scale_of_the_vision_features(hidden_size):
     """A new projector (random init, or `from_pretrained_parts`) passes image features on at about their scale.

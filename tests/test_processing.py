@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -441,6 +442,12 @@ def test_saved_aspect_ratio_round_trips_and_old_processors_keep_resizing(tmp_pat
     del saved["image_aspect_ratio"]  # saved before the option existed, e.g. the shipped tiny checkpoint
     config_file.write_text(json.dumps(saved))
     assert AutoProcessor.from_pretrained(tmp_path / "pad", trust_remote_code=True).image_aspect_ratio == "resize"
+    # the same under every supported transformers version (5.25 builds processors through `from_dict`, 5.24 did not)
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "florence-vl-tiny-shapes"
+    assert "image_aspect_ratio" not in json.loads((shipped / "processor_config.json").read_text())
+    assert AutoProcessor.from_pretrained(shipped, trust_remote_code=True).image_aspect_ratio == "resize"
+    override = AutoProcessor.from_pretrained(shipped, trust_remote_code=True, image_aspect_ratio="pad")
+    assert override.image_aspect_ratio == "pad"
 
 
 def test_llava_json_turns_render_as_the_original_trained_on():

@@ -35,11 +35,26 @@ def test_code_files_import_only_stdlib_torch_transformers(name):
     assert not unexpected, f"{name} imports {unexpected} at top level; guard optional imports"
 
 
+def package_python_files() -> list[Path]:
+    """The project's own tracked `.py` files outside tests/: never a virtual environment or build folder inside the
+    clone, whatever its name (`venv/`, `env/`, `.venv1/` hold third-party files, some of which do not even parse)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--", "*.py"], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.split("\0")
+    return [REPO / name for name in listed if name and not name.startswith("tests/")]
+
+
+def test_safety_checks_read_exactly_the_tracked_package_files():
+    files = package_python_files()
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                                 check=True).stdout.splitlines())
+    names = {str(path.relative_to(REPO)) for path in files}
+    assert {"modeling_florence_vl.py", "train/sft.py", "demo.py"} <= names
+    assert names <= tracked, sorted(names - tracked)[:5]
+
+
 def test_no_pickle_loading_anywhere_in_the_package():
     offenders = []
-    for path in REPO.rglob("*.py"):
-        if any(part in (".venv", ".venv-vllm", "build", "tests") for part in path.parts):
-            continue
+    for path in package_python_files():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]

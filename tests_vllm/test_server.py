@@ -252,3 +252,23 @@ def test_every_route_but_health_needs_the_api_key(client, api_key):
         assert response.status_code == 401, (path, response.status_code, response.text[:300])
         assert post(client.base_url, path, body, API_KEY).status_code == 200, path
     assert post(client.base_url, "/health", None, None).status_code == 200
+
+
+def test_image_over_max_image_pixels_is_a_400_and_the_server_keeps_serving(client, tmp_path):
+    """A 13000x13000 grayscale PNG is 164 KB on disk and 169 MP decoded, under vLLM's own limit (179 MP,
+    VLLM_MAX_IMAGE_PIXELS): the processor's max_image_pixels refuses it with a 400 naming the size and the option."""
+    from PIL import Image
+
+    path = tmp_path / "gray_13000.png"
+    Image.new("L", (13000, 13000), 0).save(path)
+    assert path.stat().st_size < 200_000
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    try:
+        with pytest.raises(openai.BadRequestError) as error:
+            ask(new_client(client.base_url), [url], "What is this?")
+        message = error.value.message
+        print(f"13000x13000 PNG: {error.value.status_code} {message[:300]}")
+        assert "13000x13000 = 169,000,000 pixels" in message and "max_image_pixels=89,478,485" in message, message
+    finally:
+        item, record = examples()[1], load_reference()[1]
+        assert ask(new_client(client.base_url), [data_url(item["image"])], item["question"]) == record["pipeline"]

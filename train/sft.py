@@ -86,7 +86,12 @@ def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig
     if model_args.model_name_or_path:  # this package's classes: no remote code needed for a Florence-VL folder
         load.update(quantization_kwargs(model_args))
         model = FlorenceVLForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **load)
-        processor = FlorenceVLProcessor.from_pretrained(model_args.model_name_or_path, revision=load["revision"])
+        keep_only_used_weight_conversions(model)
+        # trust_remote_code given explicitly (default False: this package's own classes load the folder): left unset,
+        # the processor's tokenizer lookup reads the folder's `auto_map` and asks "Do you wish to run the custom
+        # code?" on stdin, which a non-interactive `accelerate launch` cannot answer.
+        processor = FlorenceVLProcessor.from_pretrained(model_args.model_name_or_path, revision=load["revision"],
+                                                        trust_remote_code=load["trust_remote_code"])
         return model, set_prompt_and_image_format(processor, args, model.config.text_config.model_type)
     if get_quantization_config(model_args) is not None:
         raise ValueError("--load_in_4bit/--load_in_8bit need --model_name_or_path (a saved Florence-VL model); got "
@@ -118,7 +123,10 @@ def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig
         eos_token_id=tokenizer.eos_token_id,
     )
     config = FlorenceVLConfig(**options)
-    model = FlorenceVLForConditionalGeneration(config)
+    # `_from_config`, as transformers' Auto classes build models: under DeepSpeed ZeRO-3 it builds the whole model
+    # inside `zero.Init` and initialises the sharded weights by gathering them. Calling the class would shard only
+    # the LLM (built with `AutoModel.from_config` inside), then initialise its empty shards and fail.
+    model = FlorenceVLForConditionalGeneration._from_config(config)
     if "attn_implementation" in load:
         model.set_attn_implementation(load["attn_implementation"])
     if load["dtype"] != "auto":
@@ -128,6 +136,18 @@ def build_model_and_processor(args: FlorenceVLArguments, model_args: ModelConfig
     set_generation_defaults(model, tokenizer)
     template = resolve_chat_template(args.chat_template or "phi3", config.text_config.model_type)
     return model, build_processor(tokenizer, config, template, args.image_aspect_ratio or "pad")
+
+
+def keep_only_used_weight_conversions(model) -> None:
+    """Forget the weight renamings that loading did not use, as transformers does outside DeepSpeed ZeRO-3.
+
+    Under ZeRO-3, transformers 5.25 (`_load_state_dict_into_zero3_model`) remembers every renaming it knows, used or
+    not, and `save_pretrained` reverts them all: the generic legacy rule (`model.language_model.model.*` ->
+    `model.language_model.*`) then saves the LLM under `model.language_model.model.*`, which no other engine writes.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
 
 
 def set_prompt_and_image_format(processor, args: FlorenceVLArguments, text_model_type: str):
@@ -184,41 +204,84 @@ def set_vision_trainable(model, trainable: bool) -> None:
 
 
 class VisionParamGroups:
-    """Optimizer factory for `SFTTrainer(optimizer_cls_and_kwargs=...)`: AdamW with its own vision learning rate.
+    """Optimizer factory for `SFTTrainer(optimizer_cls_and_kwargs=...)`: the `--optim` optimizer with the Trainer's
+    weight-decay split, and the vision parameters in param groups of their own (marked `"vision": True`), at
+    `--vision_learning_rate` when given.
 
-    It keeps the trainer's weight-decay split and scheduler; the vision parameters just get a different base lr.
+    Groups of their own let the warm-up hold the vision parameters out of the optimizer step (`VisionWarmupCallback`)
+    under every engine: DeepSpeed ZeRO flattens each param group into one tensor, so that is the finest unit it steps.
     """
 
-    def __call__(self, model, *, lr: float, vision_lr: float, weight_decay: float, **adamw_kwargs):
+    def __call__(self, model, *, optimizer_cls, optimizer_kwargs: dict, vision_lr: float | None, weight_decay: float,
+                 decay_parameter_names):
+        decay_names = set(decay_parameter_names(model))
         groups = {}
         for name, parameter in model.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            decay = parameter.ndim >= 2 and "norm" not in name.lower()
-            key = (VISION_TOWER_PREFIX in name, decay)
-            groups.setdefault(key, []).append(parameter)
-        param_groups = [
-            {"params": params, "lr": vision_lr if is_vision else lr, "weight_decay": weight_decay if decay else 0.0}
-            for (is_vision, decay), params in groups.items()
-        ]
-        return torch.optim.AdamW(param_groups, lr=lr, **adamw_kwargs)
+            if parameter.requires_grad:
+                groups.setdefault((VISION_TOWER_PREFIX in name, name in decay_names), []).append(parameter)
+        param_groups = []
+        for (is_vision, decay), params in groups.items():
+            group = {"params": params, "weight_decay": weight_decay if decay else 0.0, "vision": is_vision}
+            if is_vision and vision_lr is not None:
+                group["lr"] = vision_lr
+            param_groups.append(group)
+        return optimizer_cls(param_groups, **optimizer_kwargs)
+
+
+def innermost_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's wrapper and DeepSpeed's ZeRO optimizer (each keeps it in `.optimizer`)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 class VisionWarmupCallback(TrainerCallback):
     """Keep the vision part frozen for the first `steps` optimizer steps, then train it.
 
     A randomly initialised LLM otherwise learns to ignore the image before the vision features carry signal.
+    Frozen means unchanged under every engine: the vision parameters stop requiring gradients (no backward through
+    them), and their param groups (`VisionParamGroups`) are taken out of each optimizer step. The second part matters
+    under DeepSpeed ZeRO, which keeps zero gradients for them in its flat buffers: AdamW would still decay them and
+    count steps in their state. Held out, they have no optimizer state until the warm-up ends, as under DDP/FSDP.
     """
 
     def __init__(self, steps: int):
         self.steps = steps
+        self.frozen = False
+        self.hooks = []
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        set_vision_trainable(model, state.global_step >= self.steps)
+    def set_frozen(self, model, frozen: bool) -> None:
+        self.frozen = frozen
+        set_vision_trainable(model, not frozen)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        inner = innermost_optimizer(optimizer)
+        if not any(group.get("vision") for group in inner.param_groups):
+            raise ValueError("--vision_freeze_steps needs the vision parameters in param groups of their own "
+                             "(VisionParamGroups); the optimizer has none marked `vision`.")
+        held_out = {}
+
+        def hold_out(opt, args, kwargs):  # ZeRO-3 steps one sub-group at a time: each call sees its own params
+            if self.frozen:
+                for index, group in enumerate(opt.param_groups):
+                    if group.get("vision"):
+                        held_out[index], group["params"] = group["params"], []
+
+        def put_back(opt, args, kwargs):
+            for index, params in held_out.items():
+                opt.param_groups[index]["params"] = params
+            held_out.clear()
+
+        self.hooks = [inner.register_step_pre_hook(hold_out), inner.register_step_post_hook(put_back)]
+        self.set_frozen(model, state.global_step < self.steps)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.steps:
-            set_vision_trainable(model, True)
+        if self.frozen and state.global_step >= self.steps:
+            self.set_frozen(model, False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for hook in self.hooks:
+            hook.remove()
 
 
 class ImageSensitivityCallback(TrainerCallback):
@@ -283,14 +346,8 @@ def build_trainer(script_args: ScriptArguments, training_args: SFTConfig, model_
         if not model_args.lora_modules_to_save:
             peft_config.modules_to_save = ["multi_modal_projector"]
 
-    optimizer_cls_and_kwargs = None
-    if args.vision_learning_rate is not None:
-        optimizer_cls_and_kwargs = (VisionParamGroups, dict(
-            lr=training_args.learning_rate, vision_lr=args.vision_learning_rate,
-            weight_decay=training_args.weight_decay, betas=(training_args.adam_beta1, training_args.adam_beta2),
-            eps=training_args.adam_epsilon,
-        ))
-    if args.vision_freeze_steps and training_args.world_size > 1:
+    warmup = args.vision_freeze_steps > 0 and args.stage == "pretrain"
+    if warmup and training_args.world_size > 1:
         training_args.ddp_find_unused_parameters = True
 
     trainer = SFTTrainer(
@@ -299,9 +356,21 @@ def build_trainer(script_args: ScriptArguments, training_args: SFTConfig, model_
         train_dataset=train_dataset,
         processing_class=processor,
         peft_config=peft_config,
-        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
     )
-    if args.vision_freeze_steps and args.stage == "pretrain":
+    if warmup and not any(parameter.requires_grad for name, parameter in trainer.model.named_parameters()
+                          if VISION_TOWER_PREFIX in name):
+        raise ValueError(f"--vision_freeze_steps {args.vision_freeze_steps}: nothing of the vision part is trained "
+                         "here (--use_peft or a quantized model keeps it frozen throughout), so there is no warm-up to "
+                         "hold it for; drop --vision_freeze_steps.")
+    if warmup or args.vision_learning_rate is not None:
+        optimizer_cls, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(training_args, trainer.model)
+        if "params" in optimizer_kwargs or "model" in optimizer_kwargs or "optimizer_dict" in optimizer_kwargs:
+            raise ValueError(f"--optim {training_args.optim} builds its own parameter groups, so it cannot take "
+                             "--vision_learning_rate or --vision_freeze_steps; use an AdamW or SGD --optim.")
+        trainer.optimizer_cls_and_kwargs = (VisionParamGroups, dict(
+            optimizer_cls=optimizer_cls, optimizer_kwargs=optimizer_kwargs, vision_lr=args.vision_learning_rate,
+            weight_decay=training_args.weight_decay, decay_parameter_names=trainer.get_decay_parameter_names))
+    if warmup:
         trainer.add_callback(VisionWarmupCallback(args.vision_freeze_steps))
     if args.image_sensitivity_steps:
         probe = [train_dataset[i] for i in range(min(8, len(train_dataset)))]
