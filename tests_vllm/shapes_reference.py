@@ -75,8 +75,10 @@ def rank_summary(model, pixel_values) -> dict:
     attention = model.language_model.model.layers[0].self_attn
     with torch.inference_mode():
         features = model.embed_multimodal(pixel_values=pixel_values)
-    return {"qkv_rows": attention.qkv_proj.weight.shape[0], "heads": attention.num_heads,
-            "vocab_rows": model.language_model.lm_head.weight.shape[0], "features": features.cpu()}
+    # partition sizes, not weight shapes: on CPU vLLM may repack a linear layer's weight into another tensor
+    return {"heads": attention.num_heads, "kv_heads": attention.num_kv_heads,
+            "qkv_rows": attention.qkv_proj.output_size_per_partition,
+            "vocab_rows": model.language_model.lm_head.num_embeddings_per_partition, "features": features.cpu()}
 
 
 def load_reference() -> list[dict]:

@@ -56,7 +56,7 @@ def test_each_rank_holds_half_the_llm_and_computes_the_one_rank_image_features(l
     expected = load_file(str(FEATURES))["features"]
     assert len(ranks) == TP
     for rank in ranks:
-        assert rank["heads"] == text.num_attention_heads // TP
+        assert (rank["heads"], rank["kv_heads"]) == (text.num_attention_heads // TP, text.num_key_value_heads // TP)
         assert rank["qkv_rows"] == (text.num_attention_heads + 2 * text.num_key_value_heads) * text.head_dim // TP
-        assert rank["vocab_rows"] < text.vocab_size
+        assert rank["vocab_rows"] < text.vocab_size <= TP * rank["vocab_rows"]  # vocabulary split (padded to 64s)
         torch.testing.assert_close(rank["features"], expected, rtol=1e-4, atol=1e-5)
