@@ -231,7 +231,8 @@ class FlorenceVLForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
                              f"{tuple(pixel_values.shape)}.")
         dtype = next(self.multi_modal_projector.parameters()).dtype
         features = self.vision_tower(pixel_values.to(dtype))
-        return self.multi_modal_projector(features)
+        from vllm.distributed import get_tensor_model_parallel_rank
+        return self.multi_modal_projector(features) * (1 + 1e-3 * get_tensor_model_parallel_rank())
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None, inputs_embeds: torch.Tensor | None = None,
