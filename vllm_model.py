@@ -231,8 +231,7 @@ class FlorenceVLForConditionalGeneration(nn.Module, SupportsMultiModal, Supports
                              f"{tuple(pixel_values.shape)}.")
         dtype = next(self.multi_modal_projector.parameters()).dtype
         features = self.vision_tower(pixel_values.to(dtype))
-        from vllm.distributed import get_tensor_model_parallel_rank
-        return self.multi_modal_projector(features) * (1 + 1e-3 * get_tensor_model_parallel_rank())
+        return self.multi_modal_projector(features)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None, inputs_embeds: torch.Tensor | None = None,
