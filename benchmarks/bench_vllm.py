@@ -10,8 +10,15 @@ the vLLM environment, starts the server, and drives a pipeline worker in the mai
 
     .venv-vllm/bin/python benchmarks/bench_vllm.py --transformers-python .venv/bin/python --out benchmarks/results.vllm.cpu.json
 
+Tensor parallelism: `--tensor-parallel-sizes 1 2 --no-pipeline` starts one server per size, side by side, and
+interleaves them the same way (on CPU each rank of a multi-rank server is bound to its own core through
+`VLLM_CPU_OMP_THREADS_BIND`, as README documents):
+
+    .venv-vllm/bin/python benchmarks/bench_vllm.py --tensor-parallel-sizes 1 2 --no-pipeline --out benchmarks/results.vllm.tp.cpu.json
+
 Output tokens are counted the same way for both (tokens of the answer text + 1 end-of-turn token).
-Peak memory is VmHWM (peak resident set), of the pipeline worker and summed over the server's processes.
+Peak memory is VmHWM (peak resident set), of the pipeline worker and of each server process (API server, engine
+core, one worker per rank), summed per server.
 """
 
 import argparse
@@ -81,12 +88,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(port: int, kv_cache_bytes: int, log_path: Path) -> subprocess.Popen:
+def start_server(port: int, kv_cache_bytes: int, log_path: Path, tensor_parallel_size: int = 1) -> subprocess.Popen:
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(CHECKPOINT),
                "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--gpu-memory-utilization", "0.2", "--kv-cache-memory-bytes", str(kv_cache_bytes),
-               "--max-num-seqs", "64", "--seed", "0"]
-    return subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+               "--kv-cache-memory-bytes", str(kv_cache_bytes), "--limit-mm-per-prompt", '{"image": 2}', "--seed", "0",
+               "--tensor-parallel-size", str(tensor_parallel_size)]  # README's memory flags
+    env = dict(os.environ)
+    if tensor_parallel_size > 1:  # one core per rank (README "Tensor parallelism")
+        cpus = sorted(os.sched_getaffinity(0))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cpu) for cpu in cpus[:tensor_parallel_size])
+    return subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env=env)
 
 
 def wait_ready(client, process, timeout: float = 900) -> None:
@@ -105,11 +117,13 @@ def wait_ready(client, process, timeout: float = 900) -> None:
             time.sleep(2)
 
 
-def tree_peak_mb(pid: int) -> float:
+def tree_peaks_mb(pid: int) -> dict[str, float]:
+    """VmHWM of the server and every process it started, by process name (VLLM::Worker_TP0, ...)."""
     import psutil
 
     root = psutil.Process(pid)
-    return sum(vm_hwm_mb(process.pid) for process in [root, *root.children(recursive=True)])
+    return {f"{process.name()} ({process.pid})": vm_hwm_mb(process.pid)
+            for process in [root, *root.children(recursive=True)]}
 
 
 def main() -> None:
@@ -119,7 +133,10 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--n", type=int, default=64, help="chats per level and round")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--kv-cache-bytes", type=int, default=2**30)
+    parser.add_argument("--kv-cache-bytes", type=int, default=2**30, help="per rank")
+    parser.add_argument("--tensor-parallel-sizes", type=int, nargs="+", default=[1],
+                        help="one vLLM server per size, measured side by side")
+    parser.add_argument("--no-pipeline", action="store_true", help="measure only the vLLM servers")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.vllm.cpu.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,15 +149,22 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    worker = subprocess.Popen([args.transformers_python, __file__, "--worker", "--n", str(args.n)], env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    port = free_port()
-    server = start_server(port, args.kv_cache_bytes, Path(tempfile.mkdtemp(prefix="bench-vllm-")) / "server.log")
+    worker = None if args.no_pipeline else subprocess.Popen(
+        [args.transformers_python, __file__, "--worker", "--n", str(args.n)], env=env, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    names = {size: "vllm" if size == 1 else f"vllm_tp{size}" for size in args.tensor_parallel_sizes}
+    servers, clients = {}, {}
+    for size, name in names.items():
+        port = free_port()
+        log_path = Path(tempfile.mkdtemp(prefix="bench-vllm-")) / "server.log"
+        print(f"{name}: log {log_path}", file=sys.stderr, flush=True)
+        servers[name] = start_server(port, args.kv_cache_bytes, log_path, size)
+        clients[name] = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0,
+                                      timeout=600)
     try:
-        worker_info = json.loads(worker.stdout.readline())
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0,
-                               timeout=600)
-        wait_ready(client, server)
+        worker_info = json.loads(worker.stdout.readline()) if worker else None
+        for name in servers:
+            wait_ready(clients[name], servers[name])
         tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT)
         requests = []
         for image, question in chats(args.n):
@@ -150,66 +174,83 @@ def main() -> None:
             requests.append([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                           {"type": "text", "text": question}]}])
 
-        def ask(messages) -> str:
+        def ask(client, messages) -> str:
             response = client.chat.completions.create(model=MODEL, messages=messages, temperature=0.0,
                                                       max_tokens=MAX_NEW_TOKENS)
             return response.choices[0].message.content
 
-        ask(requests[0])  # warm-up (first multimodal request)
-        runs = {"pipeline": {level: [] for level in args.levels}, "vllm": {level: [] for level in args.levels}}
+        for name in servers:
+            ask(clients[name], requests[0])  # warm-up (first multimodal request)
+        engines = ([] if args.no_pipeline else ["pipeline"]) + list(servers)
+        runs = {name: {level: [] for level in args.levels} for name in engines}
         answers = {}
         for round_index in range(args.rounds):
             for level in args.levels:
-                worker.stdin.write(f"{level}\n")
-                worker.stdin.flush()
-                result = json.loads(worker.stdout.readline())
-                answers["pipeline"] = result.pop("answers")
-                runs["pipeline"][level].append(result)
-                start = time.perf_counter()
-                with ThreadPoolExecutor(level) as pool:
-                    texts = list(pool.map(ask, requests))
-                seconds = time.perf_counter() - start
-                answers["vllm"] = texts
-                tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
-                runs["vllm"][level].append({"seconds": seconds, "tokens": tokens})
-                print(f"round {round_index} level {level}: pipeline {result['seconds']:.2f} s, vLLM {seconds:.2f} s",
-                      file=sys.stderr, flush=True)
-        peaks = {"pipeline": runs["pipeline"][args.levels[-1]][-1]["peak_mb"], "vllm": tree_peak_mb(server.pid)}
+                timings = []
+                if worker:
+                    worker.stdin.write(f"{level}\n")
+                    worker.stdin.flush()
+                    result = json.loads(worker.stdout.readline())
+                    answers["pipeline"] = result.pop("answers")
+                    runs["pipeline"][level].append(result)
+                    timings.append(f"pipeline {result['seconds']:.2f} s")
+                for name, client in clients.items():
+                    start = time.perf_counter()
+                    with ThreadPoolExecutor(level) as pool:
+                        texts = list(pool.map(lambda messages: ask(client, messages), requests))
+                    seconds = time.perf_counter() - start
+                    answers[name] = texts
+                    tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+                    runs[name][level].append({"seconds": seconds, "tokens": tokens})
+                    timings.append(f"{name} {seconds:.2f} s")
+                print(f"round {round_index} level {level}: " + ", ".join(timings), file=sys.stderr, flush=True)
+        peaks = {name: tree_peaks_mb(server.pid) for name, server in servers.items()}
+        peaks = {name: {"total": sum(processes.values()), "processes": processes} for name, processes in peaks.items()}
+        if worker:
+            peaks["pipeline"] = {"total": runs["pipeline"][args.levels[-1]][-1]["peak_mb"]}
     finally:
-        worker.stdin.close()
-        worker.wait(timeout=60)
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=120)
+        if worker:
+            worker.stdin.close()
+            worker.wait(timeout=60)
+        for server in servers.values():
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(timeout=120)
 
+    reference = "pipeline" if worker else "vllm" if "vllm" in servers else None
     table = []
     for level in args.levels:
         row = {"level": level}
-        for name in ("pipeline", "vllm"):
+        for name in engines:
             rps = [args.n / run["seconds"] for run in runs[name][level]]
             tps = [run["tokens"] / run["seconds"] for run in runs[name][level]]
             row[name] = {"requests_per_s": statistics.median(rps), "output_tokens_per_s": statistics.median(tps)}
-        row["ratio_requests_per_s"] = row["vllm"]["requests_per_s"] / row["pipeline"]["requests_per_s"]
+        if worker and "vllm" in servers:
+            row["ratio_requests_per_s"] = row["vllm"]["requests_per_s"] / row["pipeline"]["requests_per_s"]
+        for name in servers:
+            if name != "vllm" and "vllm" in servers:
+                row[f"ratio_{name}_vs_vllm"] = row[name]["requests_per_s"] / row["vllm"]["requests_per_s"]
         table.append(row)
-    equal = sum(a == b for a, b in zip(answers["pipeline"], answers["vllm"]))
+    equal = {name: f"{sum(a == b for a, b in zip(answers[reference], answers[name]))}/{args.n}"
+             for name in engines if reference and name != reference}
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
         "versions": {"vllm": vllm.__version__, "transformers_vllm_env": transformers.__version__,
                      "pipeline_env": worker_info},
         "settings": {"n": args.n, "rounds": args.rounds, "max_new_tokens": MAX_NEW_TOKENS, "seed": SEED,
-                     "kv_cache_bytes": args.kv_cache_bytes, "dtype": "float32"},
+                     "kv_cache_bytes_per_rank": args.kv_cache_bytes, "dtype": "float32",
+                     "tensor_parallel_sizes": args.tensor_parallel_sizes},
         "table": table, "peak_memory_mb": peaks, "runs": runs,
-        "equal_answers_last_level": f"{equal}/{args.n}",
+        f"equal_answers_last_level_vs_{reference}": equal,
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print("| concurrency / batch | pipeline req/s | vLLM req/s | ratio | pipeline tok/s | vLLM tok/s |")
-    print("|---|---|---|---|---|---|")
+    print("| concurrency / batch | " + " | ".join(f"{name} req/s" for name in engines) + " | "
+          + " | ".join(f"{name} tok/s" for name in engines) + " |")
     for row in table:
-        p, v = row["pipeline"], row["vllm"]
-        print(f"| {row['level']} | {p['requests_per_s']:.2f} | {v['requests_per_s']:.2f} | "
-              f"{row['ratio_requests_per_s']:.2f}x | {p['output_tokens_per_s']:.1f} | {v['output_tokens_per_s']:.1f} |")
-    print(f"peak memory: pipeline {peaks['pipeline']:.0f} MB, vLLM server (all processes) {peaks['vllm']:.0f} MB; "
-          f"equal answers {equal}/{args.n}")
+        print(f"| {row['level']} | " + " | ".join(f"{row[name]['requests_per_s']:.2f}" for name in engines) + " | "
+              + " | ".join(f"{row[name]['output_tokens_per_s']:.1f}" for name in engines) + " |")
+    print("peak memory (MB): " + ", ".join(f"{name} {peak['total']:.0f}" for name, peak in peaks.items())
+          + f"; equal answers (last level) vs {reference}: {equal}")
 
 
 if __name__ == "__main__":

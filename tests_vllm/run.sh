@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # vLLM tests: make their own environment from scratch (vLLM pins transformers<5.20; the main one has >=5.24),
 # installed as README "Serving" documents, then run the real engine on the shipped tiny checkpoint.
-# About 5 min to install and 6-7 min of tests on 2 shared cores. `--reuse` keeps an existing environment.
+# About 5 min to install and 4-8 min of tests on 2 shared cores (one engine each: offline, server, 2 ranks).
+# `--reuse` keeps an existing environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VLLM_VENV:-.venv-vllm}

@@ -64,6 +64,23 @@ if __name__ == "__main__":
     main()
 
 
+def rank_summary(model, pixel_values) -> dict:
+    """What one tensor-parallel rank holds and computes: the LLM's first attention layer (heads, fused q/k/v rows),
+    the vocabulary rows of its LM head, and the projected image features of `pixel_values`.
+
+    For `LLM.apply_model` (`test_tensor_parallel.py`): vLLM sends the function to its workers with plain pickle, so
+    it lives in a module the workers can import (this folder is on their `sys.path`), not inside a test."""
+    import torch
+
+    attention = model.language_model.model.layers[0].self_attn
+    with torch.inference_mode():
+        features = model.embed_multimodal(pixel_values=pixel_values)
+    # partition sizes, not weight shapes: on CPU vLLM may repack a linear layer's weight into another tensor
+    return {"heads": attention.num_heads, "kv_heads": attention.num_kv_heads,
+            "qkv_rows": attention.qkv_proj.output_size_per_partition,
+            "vocab_rows": model.language_model.lm_head.num_embeddings_per_partition, "features": features.cpu()}
+
+
 def load_reference() -> list[dict]:
     data = json.loads(REFERENCE.read_text())
     if (data["seed"], data["n"], data["max_new_tokens"]) != (SEED, N, MAX_NEW_TOKENS):

