@@ -1,0 +1,74 @@
+"""The Florence-VL study's machinery (`python -m florence_vl.train.study`) at a few steps: every run writes its
+metrics and done-marker, a rerun skips finished runs and redoes an unfinished one, and the tiny Florence-2 it
+pretrains is a native checkpoint that transformers loads (`from_pretrained`, `pipeline`)."""
+
+import json
+
+import pytest
+
+from florence_vl.train import shapes, study
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    assert study.main(["--out", str(out), "--schedule", "ci", "--report", str(out / "report")]) == 0
+    return out
+
+
+def run_folders(out):
+    schedule = study.SCHEDULES["ci"]
+    folders = [out / "florence2", out / "llm", out / "pca" / "parts", out / "pca" / "trained"]
+    for seed in schedule["seeds"]:
+        folders += [out / "alignment" / kind / f"seed-{seed}" for kind in ("parts", "trained")]
+        folders += [out / "fvl" / variant / f"seed-{seed}" for variant in schedule["variants"]]
+    return folders
+
+
+def test_every_run_writes_metrics_and_a_done_marker(finished):
+    for folder in run_folders(finished):
+        assert (folder / study.DONE).is_file(), folder
+        assert json.loads((folder / study.METRICS).read_text()), folder
+    fvl = json.loads((finished / "fvl" / "no_ocr" / "seed-0" / study.METRICS).read_text())
+    assert set(fvl["scores"]) == {*shapes.ALL_QUESTION_TYPES, "overall", "n"}
+    assert len(fvl["hits"]) == study.SCHEDULES["ci"]["n_eval"]
+    align = json.loads((finished / "alignment" / "parts" / "seed-0" / study.METRICS).read_text())
+    assert len(align["final_loss"]) == 16  # 15 subsets of the four sources + the width control
+    results = json.loads((finished / "report" / "results.json").read_text())
+    assert results["pending"] == [] and set(results["fvl"]) == {"channel_concat", "no_ocr"}
+    assert (finished / "report" / "results.md").is_file() and (finished / "report" / "variants.png").is_file()
+
+
+def test_a_rerun_skips_finished_runs_and_redoes_an_unfinished_one(finished, capsys):
+    marks = {folder: (folder / study.DONE).read_text() for folder in run_folders(finished)}
+    cut = finished / "fvl" / "no_ocr" / "seed-0"
+    (cut / study.DONE).unlink()  # as if the study had been killed during this run
+    capsys.readouterr()
+    assert study.main(["--out", str(finished), "--schedule", "ci", "--phases", "florence2", "llm", "fvl"]) == 0
+    log = capsys.readouterr().out
+    assert f"run: {cut}" in log
+    assert log.count("run: ") == 1, log
+    assert (cut / study.DONE).is_file()
+    for folder, mark in marks.items():
+        if folder != cut:
+            assert (folder / study.DONE).read_text() == mark, folder  # not redone: its marker is the old one
+
+
+def test_the_tiny_florence2_is_a_native_checkpoint(finished):
+    import random
+
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration, pipeline
+
+    folder = finished / "florence2"
+    model = Florence2ForConditionalGeneration.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    assert type(processor).__name__ == "Florence2Processor" and processor.num_image_tokens == 17
+    assert model.config.image_token_id == processor.tokenizer.image_token_id
+    assert processor.tokenizer.convert_tokens_to_ids("<loc_999>") != processor.tokenizer.unk_token_id
+    image = shapes.render(shapes.sample_scene(random.Random(0)))
+    answer = pipeline("image-text-to-text", model=str(folder))(images=image, text="<OD>", max_new_tokens=4)
+    assert answer[0]["input_text"] == "<OD>"
+    metrics = json.loads((folder / study.METRICS).read_text())
+    assert set(metrics["scores"]) == {"caption_exact_match", "ocr_exact_match", "od_recall@0.5", "n"}
