@@ -14,7 +14,8 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    assert study.main(["--out", str(out), "--schedule", "ci", "--report", str(out / "report")]) == 0
+    assert study.main(["--out", str(out), "--schedule", "ci", "--report", str(out / "report"),
+                       "--ship-florence2", str(out / "shipped")]) == 0
     return out
 
 
@@ -56,12 +57,16 @@ def test_a_rerun_skips_finished_runs_and_redoes_an_unfinished_one(finished, caps
             assert (folder / study.DONE).read_text() == mark, folder  # not redone: its marker is the old one
 
 
-def test_the_tiny_florence2_is_a_native_checkpoint(finished):
+def test_the_shipped_tiny_florence2_is_a_native_checkpoint(finished):
     import random
 
     from transformers import AutoProcessor, Florence2ForConditionalGeneration, pipeline
 
-    folder = finished / "florence2"
+    folder = finished / "shipped"
+    scores = json.loads((finished / "florence2" / study.METRICS).read_text())["scores"]
+    card = (folder / "README.md").read_text()  # its numbers are the run's
+    assert f"caption exact match {scores['caption_exact_match']:.3f}" in card
+    assert f"recall at IoU 0.5 {scores['od_recall@0.5']:.3f}" in card
     model = Florence2ForConditionalGeneration.from_pretrained(folder)
     processor = AutoProcessor.from_pretrained(folder)
     assert type(processor).__name__ == "Florence2Processor" and processor.num_image_tokens == 17

@@ -231,3 +231,43 @@ def train(out_dir: str | Path, steps: int = 3000, batch_size: int = 32, learning
                "loss": [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
+
+
+SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
+                 "tokenizer.json", "tokenizer_config.json", "metrics.json")
+
+
+def ship(run_folder: str | Path, dest: str | Path) -> Path:
+    """Copy a finished pretraining run to `dest` as a native Florence-2 checkpoint with a model card whose numbers
+    come from the run's `metrics.json`."""
+    import shutil
+
+    run_folder, dest = Path(run_folder), Path(dest)
+    metrics = json.loads((run_folder / "metrics.json").read_text())
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED_FILES:
+        shutil.copy(run_folder / name, dest / name)
+    scores = metrics["scores"]
+    (dest / "README.md").write_text(f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags: [florence2, synthetic, shapes-and-words]
+---
+# Tiny Florence-2 for the shapes-and-words task
+
+A native `Florence2ForConditionalGeneration` (DaViT 16/32/64/128, BART 2+2 layers of width 64),
+pretrained from scratch with `Seq2SeqTrainer` by `python -m florence_vl.train.study` (train/florence2_shapes.py)
+on three Florence-2 tasks over 128x128 scenes: `<MORE_DETAILED_CAPTION>`, `<OCR>`, `<OD>`. It is the vision part
+of the Florence-VL study (docs/study.md); it knows nothing outside this synthetic task.
+
+Held-out ({scores['n']} scenes, `post_process_generation`): caption exact match {scores['caption_exact_match']:.3f},
+OCR exact match {scores['ocr_exact_match']:.3f}, detection recall at IoU 0.5 {scores['od_recall@0.5']:.3f}
+({metrics['steps']} steps x {metrics['batch_size']}, {metrics['train_seconds']:.0f} s of training).
+
+```python
+from transformers import pipeline
+pipe = pipeline("image-text-to-text", model="checkpoints/florence2-tiny-shapes")
+pipe(images=image, text="<OD>")
+```
+""")
+    return dest

@@ -1,8 +1,8 @@
 """Florence-VL in miniature: the paper's recipe and analyses on the shapes-and-words task, as one resumable command.
 
 ```bash
-nice -n 15 python -m florence_vl.train.study --out runs/study            # the whole study (hours on 2 shared cores)
-python -m florence_vl.train.study --out runs/study --report docs/study    # rerun: skips finished runs, writes results
+nice -n 15 python -m florence_vl.train.study --out runs/study --jobs 2 --report docs/study  # the study; rerun = resume
+python -m florence_vl.train.study --out runs/study --report docs/study --report-only  # results so far
 python -m florence_vl.train.study --out /tmp/s --schedule ci             # the same machinery at a few steps (CI)
 ```
 
@@ -362,14 +362,21 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: CPU shared).")
     parser.add_argument("--report", default=None, help="Write results.json and figures here (e.g. docs/study).")
     parser.add_argument("--jobs", type=int, default=1, help="Processes working through the runs side by side.")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Only write --report from the runs finished so far (while a study runs elsewhere).")
+    parser.add_argument("--ship-florence2", default=None, metavar="DIR",
+                        help="Copy the finished tiny Florence-2 here as a checkpoint folder with its card.")
     args = parser.parse_args(argv)
+    if args.report_only and not args.report:
+        raise ValueError("--report-only needs --report DIR (where to write results.json and the figures)")
     if args.jobs < 1:
         raise ValueError(f"--jobs {args.jobs} must be >= 1")
-    helpers = [_spawn_helper(argv) for _ in range(args.jobs - 1)]
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     schedule, out = SCHEDULES[args.schedule], Path(args.out)
-    work_through(out, schedule, args.phases)
+    helpers = [] if args.report_only else [_spawn_helper(argv) for _ in range(args.jobs - 1)]
+    if not args.report_only:
+        work_through(out, schedule, args.phases)
     for helper in helpers:
         if helper.wait():
             raise RuntimeError(f"a study helper process failed (exit {helper.returncode}); rerun to resume")
@@ -380,6 +387,10 @@ def main(argv=None) -> int:
 
         results = write_report(out, schedule, Path(args.report))
         print(f"report written to {args.report}; pending: {results['pending'] or 'nothing'}")
+    if args.ship_florence2 and is_done(out / "florence2"):
+        from florence_vl.train.florence2_shapes import ship
+
+        print(f"tiny Florence-2 shipped to {ship(out / 'florence2', args.ship_florence2)}")
     return 0
 
 
