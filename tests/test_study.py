@@ -77,3 +77,18 @@ def test_the_shipped_tiny_florence2_is_a_native_checkpoint(finished):
     assert answer[0]["input_text"] == "<OD>"
     metrics = json.loads((folder / study.METRICS).read_text())
     assert set(metrics["scores"]) == {"caption_exact_match", "ocr_exact_match", "od_recall@0.5", "n"}
+
+
+def test_the_claim_tests_give_textbook_p_values_and_verdicts():
+    from florence_vl.train.study_report import mcnemar, paired_t, verdict
+
+    # differences 0.2, 0.15, 0.15: t = 10.0 on 2 degrees of freedom, two-sided p = 0.00985 (t tables)
+    test = paired_t([0.9, 0.8, 0.85], [0.7, 0.65, 0.7])
+    assert abs(test["t"] - 10.0) < 1e-9 and abs(test["p"] - 0.009852) < 1e-5
+    # t = sqrt(2) on 3 df: closed-form CDF 1/2 + (t/(sqrt3 (1 + t²/3)) + atan(t/sqrt3))/pi gives p = 0.2522
+    assert abs(paired_t([1.0, 2.0, 4.0, 3.0], [0.0, 1.5, 3.0, 3.5])["p"] - 0.25222) < 1e-4
+    assert mcnemar([1, 1, 1, 1, 0], [0, 0, 0, 0, 0]) == {"only_first": 4, "only_second": 0, "p": 0.125}
+    assert verdict(True, [0.01, 0.02], seeds=3) == "reproduced"
+    assert verdict(False, [0.01, 0.02], seeds=3) == "contradicted"
+    assert verdict(True, [0.01, 0.2], seeds=3) == "not separable"
+    assert verdict(True, [0.01], seeds=2) == "pending"
