@@ -58,11 +58,22 @@ def _byte_tokenizer(texts=()):
                                    unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
 
 
-def _image_processor(image_size: int = shapes.SIZE, seq_length: int | None = None):
+def grid_size(image_size: int = shapes.SIZE, vision: dict | None = None) -> int:
+    """Side of DaViT's output grid (the conv arithmetic of each stage, as FlorenceVLConfig.vision_grid_size)."""
+    from transformers import Florence2VisionConfig
+
+    config = Florence2VisionConfig(**(vision or VISION))
+    size = image_size
+    for kernel, stride, padding in zip(config.patch_size, config.patch_stride, config.patch_padding):
+        size = (size + 2 * padding - kernel) // stride + 1
+    return size
+
+
+def _image_processor(image_size: int = shapes.SIZE, vision: dict | None = None):
     from florence_vl.processing_florence_vl import florence2_image_processor
 
     processor = florence2_image_processor(image_size)
-    processor.image_seq_length = seq_length if seq_length is not None else (image_size // 32) ** 2 + 1
+    processor.image_seq_length = grid_size(image_size, vision) ** 2 + 1  # grid tokens + DaViT's pooled token
     return processor
 
 
@@ -108,20 +119,20 @@ POST_PROCESSOR_CONFIG = {
 }
 
 
-def build_processor(tokenizer=None):
+def build_processor(tokenizer=None, vision: dict | None = None):
     from transformers import Florence2Processor
 
-    return Florence2Processor(image_processor=_image_processor(), tokenizer=tokenizer or build_tokenizer(),
+    return Florence2Processor(image_processor=_image_processor(vision=vision), tokenizer=tokenizer or build_tokenizer(),
                               post_processor_config=POST_PROCESSOR_CONFIG)
 
 
-def build_model(tokenizer, seed: int = 0):
+def build_model(tokenizer, seed: int = 0, vision: dict | None = None):
     from transformers import Florence2Config, Florence2ForConditionalGeneration
 
     torch.manual_seed(seed)
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id)
-    config = Florence2Config(vision_config=VISION, text_config=dict(TEXT, vocab_size=len(tokenizer), **ids),
+    config = Florence2Config(vision_config=vision or VISION, text_config=dict(TEXT, vocab_size=len(tokenizer), **ids),
                              image_token_id=tokenizer.image_token_id)
     model = Florence2ForConditionalGeneration(config)
     init_location_embeddings(model, tokenizer)
@@ -157,15 +168,15 @@ def _scenes(n: int, seed: int) -> list[shapes.Scene]:
 class TaskDataset(torch.utils.data.Dataset):
     """Scene i of `seed`, with task `TASKS[i % 3]`: (image, task token, target text); drawn on the fly."""
 
-    def __init__(self, n: int, seed: int):
-        self.scenes = _scenes(n, seed)
+    def __init__(self, n: int, seed: int, tasks: tuple[str, ...] = TASKS):
+        self.scenes, self.tasks = _scenes(n, seed), tasks
 
     def __len__(self):
         return len(self.scenes)
 
     def __getitem__(self, index):
         scene = self.scenes[index]
-        task = TASKS[index % len(TASKS)]
+        task = self.tasks[index % len(self.tasks)]
         return {"image": shapes.render(scene), "task": task, "target": target(scene, task)}
 
 
@@ -195,14 +206,15 @@ def box_iou(a, b) -> float:
 
 
 @torch.inference_mode()
-def evaluate(model, processor, n: int = 200, seed: int = 12345, batch_size: int = 32) -> dict:
+def evaluate(model, processor, n: int = 200, seed: int = 12345, batch_size: int = 32,
+             tasks: tuple[str, ...] = TASKS) -> dict:
     """Each task on the same `n` held-out scenes, parsed by `post_process_generation`: caption and OCR exact match,
     detection recall at IoU 0.5 (a ground-truth box counts when a predicted box of the same label overlaps it)."""
     model.eval()
     scenes = _scenes(n, seed)
     images = [shapes.render(scene) for scene in scenes]
-    hits = {task: [] for task in TASKS}
-    for task in TASKS:
+    hits = {task: [] for task in tasks}
+    for task in tasks:
         for start in range(0, n, batch_size):
             batch = images[start:start + batch_size]
             inputs = processor(text=[task] * len(batch), images=batch, padding=True, return_tensors="pt")
@@ -226,7 +238,8 @@ def evaluate(model, processor, n: int = 200, seed: int = 12345, batch_size: int 
 
 
 def train(out_dir: str | Path, steps: int = 3000, batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0,
-          n_eval: int = 200, logging_steps: int = 100) -> dict:
+          n_eval: int = 200, logging_steps: int = 100, vision: dict | None = None,
+          tasks: tuple[str, ...] = TASKS) -> dict:
     """Pretrain the tiny Florence-2 for `steps` with `Seq2SeqTrainer`, save it as a native folder, evaluate it.
 
     Returns (and writes to `out_dir/metrics.json`) the held-out scores, the training loss history and the time."""
@@ -234,20 +247,20 @@ def train(out_dir: str | Path, steps: int = 3000, batch_size: int = 32, learning
 
     out_dir = Path(out_dir)
     start = time.time()
-    processor = build_processor()
-    model = build_model(processor.tokenizer, seed)
+    processor = build_processor(vision=vision)
+    model = build_model(processor.tokenizer, seed, vision)
     args = Seq2SeqTrainingArguments(
         output_dir=str(out_dir / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps * 3 // 100),
         weight_decay=0.0, logging_steps=logging_steps, save_strategy="no", report_to="none", use_cpu=True,
         seed=seed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
-    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=TaskDataset(steps * batch_size, seed=seed + 1),
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=TaskDataset(steps * batch_size, seed=seed + 1, tasks=tasks),
                              data_collator=Collator(processor))
     trainer.train()
     train_seconds = time.time() - start
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    scores = evaluate(model, processor, n=n_eval)
+    scores = evaluate(model, processor, n=n_eval, tasks=tasks)
     metrics = {"scores": scores, "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
                "seed": seed, "train_seconds": round(train_seconds, 1),
                "loss": [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]}
