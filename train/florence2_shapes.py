@@ -126,13 +126,13 @@ def build_processor(tokenizer=None, vision: dict | None = None):
                               post_processor_config=POST_PROCESSOR_CONFIG)
 
 
-def build_model(tokenizer, seed: int = 0, vision: dict | None = None):
+def build_model(tokenizer, seed: int = 0, vision: dict | None = None, text: dict | None = None):
     from transformers import Florence2Config, Florence2ForConditionalGeneration
 
     torch.manual_seed(seed)
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id)
-    config = Florence2Config(vision_config=vision or VISION, text_config=dict(TEXT, vocab_size=len(tokenizer), **ids),
+    config = Florence2Config(vision_config=vision or VISION, text_config=dict(text or TEXT, vocab_size=len(tokenizer), **ids),
                              image_token_id=tokenizer.image_token_id)
     model = Florence2ForConditionalGeneration(config)
     init_location_embeddings(model, tokenizer)
@@ -238,7 +238,7 @@ def evaluate(model, processor, n: int = 200, seed: int = 12345, batch_size: int 
 
 
 def train(out_dir: str | Path, steps: int = 3000, batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0,
-          n_eval: int = 200, logging_steps: int = 100, vision: dict | None = None,
+          n_eval: int = 200, logging_steps: int = 100, vision: dict | None = None, text: dict | None = None,
           tasks: tuple[str, ...] = TASKS) -> dict:
     """Pretrain the tiny Florence-2 for `steps` with `Seq2SeqTrainer`, save it as a native folder, evaluate it.
 
@@ -248,7 +248,7 @@ def train(out_dir: str | Path, steps: int = 3000, batch_size: int = 32, learning
     out_dir = Path(out_dir)
     start = time.time()
     processor = build_processor(vision=vision)
-    model = build_model(processor.tokenizer, seed, vision)
+    model = build_model(processor.tokenizer, seed, vision, text)
     args = Seq2SeqTrainingArguments(
         output_dir=str(out_dir / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps * 3 // 100),
