@@ -92,3 +92,20 @@ def test_the_claim_tests_give_textbook_p_values_and_verdicts():
     assert verdict(False, [0.01, 0.02], seeds=3) == "contradicted"
     assert verdict(True, [0.01, 0.2], seeds=3) == "not separable"
     assert verdict(True, [0.01], seeds=2) == "pending"
+
+
+def test_batched_florence2_answers_lose_their_padding_before_post_processing():
+    import torch
+
+    from florence_vl.train.florence2_shapes import build_processor, decode_generated
+
+    processor = build_processor()
+    tok = processor.tokenizer
+    rows = [tok("</s><s>cat</s>", add_special_tokens=False)["input_ids"],
+            tok("</s><s>square<loc_1><loc_2><loc_300><loc_400></s>", add_special_tokens=False)["input_ids"]]
+    width = max(map(len, rows))
+    output = torch.tensor([row + [tok.pad_token_id] * (width - len(row)) for row in rows])
+    texts = decode_generated(processor, output)
+    assert processor.post_process_generation(texts[0], task="<OCR>", image_size=(128, 128)) == {"<OCR>": "cat"}
+    boxes = processor.post_process_generation(texts[1], task="<OD>", image_size=(128, 128))["<OD>"]
+    assert boxes["labels"] == ["square"] and len(boxes["bboxes"]) == 1

@@ -205,6 +205,14 @@ def box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def decode_generated(processor, output) -> list[str]:
+    """Generated ids -> texts for `post_process_generation`: special tokens kept (the `<loc_N>` parse needs the raw
+    text) but a batch's padding dropped, as `post_process_generation` strips only <s> and </s> from plain text
+    ("cat</s><pad>" would stay "cat<pad>": a batched evaluation would count the shorter answers wrong)."""
+    return [text.replace(processor.tokenizer.pad_token, "")
+            for text in processor.batch_decode(output, skip_special_tokens=False)]
+
+
 @torch.inference_mode()
 def evaluate(model, processor, n: int = 200, seed: int = 12345, batch_size: int = 32,
              tasks: tuple[str, ...] = TASKS) -> dict:
@@ -219,7 +227,7 @@ def evaluate(model, processor, n: int = 200, seed: int = 12345, batch_size: int 
             batch = images[start:start + batch_size]
             inputs = processor(text=[task] * len(batch), images=batch, padding=True, return_tensors="pt")
             output = model.generate(**inputs, max_new_tokens=40, do_sample=False, num_beams=1)
-            texts = processor.batch_decode(output, skip_special_tokens=False)
+            texts = decode_generated(processor, output)
             for scene, text in zip(scenes[start:start + batch_size], texts):
                 parsed = processor.post_process_generation(text, task=task, image_size=(shapes.SIZE, shapes.SIZE))
                 answer = parsed[task]
