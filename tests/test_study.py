@@ -109,3 +109,10 @@ def test_batched_florence2_answers_lose_their_padding_before_post_processing():
     assert processor.post_process_generation(texts[0], task="<OCR>", image_size=(128, 128)) == {"<OCR>": "cat"}
     boxes = processor.post_process_generation(texts[1], task="<OD>", image_size=(128, 128))["<OD>"]
     assert boxes["labels"] == ["square"] and len(boxes["bboxes"]) == 1
+
+
+def test_a_finished_run_made_with_other_settings_is_refused(finished, monkeypatch):
+    changed = dict(study.SCHEDULES["ci"], florence2=dict(study.SCHEDULES["ci"]["florence2"], steps=4))
+    monkeypatch.setitem(study.SCHEDULES, "ci", changed)
+    with pytest.raises(ValueError, match="other settings"):
+        study.main(["--out", str(finished), "--schedule", "ci", "--phases", "florence2"])

@@ -132,7 +132,8 @@ def build_model(tokenizer, seed: int = 0, vision: dict | None = None, text: dict
     torch.manual_seed(seed)
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id)
-    config = Florence2Config(vision_config=vision or VISION, text_config=dict(text or TEXT, vocab_size=len(tokenizer), **ids),
+    text_config = dict(text or TEXT, vocab_size=len(tokenizer), **ids)
+    config = Florence2Config(vision_config=vision or VISION, text_config=text_config,
                              image_token_id=tokenizer.image_token_id)
     model = Florence2ForConditionalGeneration(config)
     init_location_embeddings(model, tokenizer)
@@ -262,7 +263,8 @@ def train(out_dir: str | Path, steps: int = 3000, batch_size: int = 32, learning
         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps * 3 // 100),
         weight_decay=0.0, logging_steps=logging_steps, save_strategy="no", report_to="none", use_cpu=True,
         seed=seed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
-    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=TaskDataset(steps * batch_size, seed=seed + 1, tasks=tasks),
+    dataset = TaskDataset(steps * batch_size, seed=seed + 1, tasks=tasks)
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset,
                              data_collator=Collator(processor))
     trainer.train()
     train_seconds = time.time() - start

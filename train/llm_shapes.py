@@ -74,8 +74,8 @@ def train(out_dir: str | Path, steps: int = 1500, batch_size: int = 32, learning
         return Dataset.from_dict({"text": make_texts(n, data_seed)}).map(
             lambda batch: tok(batch["text"]), batched=True, remove_columns=["text"])
 
-    args = TrainingArguments(output_dir=str(out_dir / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
-                             per_device_eval_batch_size=batch_size, learning_rate=learning_rate,
+    args = TrainingArguments(output_dir=str(out_dir / "trainer"), max_steps=steps,
+                             per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size, learning_rate=learning_rate,
                              lr_scheduler_type="cosine", warmup_steps=max(1, steps * 3 // 100), weight_decay=0.0,
                              logging_steps=max(1, steps // 10), save_strategy="no", report_to="none", use_cpu=True,
                              seed=seed, disable_tqdm=True)

@@ -68,7 +68,7 @@ def is_done(folder: Path) -> bool:
     return (folder / DONE).is_file() and (folder / METRICS).is_file()
 
 
-def run_once(folder: Path, work, log=print, wait: bool = False) -> dict | None:
+def run_once(folder: Path, work, log=print, wait: bool = False, settings: dict | None = None) -> dict | None:
     """`work(folder)` -> metrics dict, unless `folder` already holds a finished run; returns its metrics (None when
     another process is running it and `wait` is False).
 
@@ -79,12 +79,19 @@ def run_once(folder: Path, work, log=print, wait: bool = False) -> dict | None:
             log(f"busy (another process): {folder}")
             return None
         if is_done(folder):
+            metrics = json.loads((folder / METRICS).read_text())
+            recorded = metrics.get("settings", json.loads(json.dumps(settings)))  # runs before this check: none
+            if settings is not None and recorded != json.loads(json.dumps(settings)):
+                raise ValueError(f"{folder} finished with other settings ({metrics.get('settings')}) than this "
+                                 f"schedule's ({settings}); resume with the same schedule, or use a new --out.")
             log(f"skip (done): {folder}")
-            return json.loads((folder / METRICS).read_text())
+            return metrics
         log(f"run: {folder}")
         start = time.time()
         metrics = dict(work(folder))
         metrics.setdefault("wall_seconds", round(time.time() - start, 1))
+        if settings is not None:
+            metrics["settings"] = settings
         (folder / METRICS).write_text(json.dumps(metrics, indent=1) + "\n")
         (folder / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
         return metrics
@@ -313,9 +320,9 @@ PHASES = ("florence2", "llm", "alignment", "pca", "fvl")
 def work_through(out: Path, schedule: dict, phases) -> None:
     """Every run of `phases` in order, skipping finished ones (and, without waiting, those another process holds)."""
     if "florence2" in phases:
-        run_once(out / "florence2", florence2_run(schedule), wait=True)
+        run_once(out / "florence2", florence2_run(schedule), wait=True, settings=schedule["florence2"])
     if "llm" in phases:
-        run_once(out / "llm", llm_run(schedule), wait=True)
+        run_once(out / "llm", llm_run(schedule), wait=True, settings=schedule["llm"])
     if "alignment" in phases:
         for seed in schedule["seeds"]:
             run_once(out / "alignment" / "parts" / f"seed-{seed}", alignment_run(out, schedule, seed, None))
@@ -324,7 +331,8 @@ def work_through(out: Path, schedule: dict, phases) -> None:
     if "fvl" in phases:
         for seed in schedule["seeds"]:  # seed-major: every variant of seed 0 first, so a cut study compares variants
             for variant in schedule["variants"]:
-                run_once(out / "fvl" / variant / f"seed-{seed}", fvl_run(out, schedule, variant, seed))
+                run_once(out / "fvl" / variant / f"seed-{seed}", fvl_run(out, schedule, variant, seed),
+                         settings={key: schedule[key] for key in ("stage1", "stage2", "n_eval", "eval_seed")})
     trained = {seed: out / "fvl" / "channel_concat" / f"seed-{seed}" for seed in schedule["seeds"]}
     if "alignment" in phases:
         for seed, run in trained.items():
