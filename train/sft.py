@@ -59,6 +59,8 @@ class FlorenceVLArguments:
     shapes_train_size: int = field(default=0, metadata={"help": "Train on N synthetic shapes-and-words examples."})
     shapes_seed: int = field(default=0, metadata={"help": "Seed of the synthetic training examples."})
     shapes_question_mix: float | None = field(default=None, metadata={"help": "Fraction of question examples."})
+    shapes_question_types: list[str] | None = field(default=None, metadata={
+        "help": "Question types of the synthetic task (default: its five; see shapes.ALL_QUESTION_TYPES)."})
     vision_freeze_steps: int = field(default=0, metadata={"help": "Pretrain: keep vision frozen for the first K "
                                                                     "steps (warm-up), then train it."})
     vision_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the vision part "
@@ -183,7 +185,7 @@ def load_train_dataset(args: FlorenceVLArguments, script_args: ScriptArguments):
         from florence_vl.train.shapes import make_dataset
 
         return make_dataset(args.shapes_train_size, seed=args.shapes_seed, stage=args.stage,
-                            question_mix=args.shapes_question_mix)
+                            question_mix=args.shapes_question_mix, question_types=args.shapes_question_types)
     if args.llava_json:
         from datasets import Dataset
 

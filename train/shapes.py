@@ -20,6 +20,13 @@ COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "
 SHAPES = ("circle", "square", "triangle")
 WORDS = ("cat", "dog", "sun", "tree", "book", "fish", "car", "star")
 QUESTION_TYPES = ("color", "left_shape", "right_shape", "word", "describe")
+# Question types added for the Florence-VL study (docs/study.md): each needs what one Florence-2 prompt carries.
+# Text reading (OCR): the word's first letter; positions/counts (grounding): which shape is higher / bigger, how many
+# of a kind. Not in QUESTION_TYPES, so the default held-out set and the shipped checkpoint's score are unchanged.
+STUDY_QUESTION_TYPES = ("first_letter", "higher", "bigger", "count")
+ALL_QUESTION_TYPES = QUESTION_TYPES + STUDY_QUESTION_TYPES
+COUNT_WORDS = ("zero", "one", "two")
+MIN_GAP = 4  # "higher" / "bigger" are asked only when the two shapes differ by >= 4 px (no near-ties)
 STAGES = ("pretrain", "finetune", "heldout")
 DESCRIBE = "Describe the image."
 SIZE, BACKGROUND, INK = 128, (255, 255, 255), (0, 0, 0)
@@ -118,7 +125,31 @@ def ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str]:
         return "What word is written in the image?", scene.word
     if qtype == "describe":
         return DESCRIBE, caption(scene)
-    raise ValueError(f"unknown question type {qtype!r}; use one of {QUESTION_TYPES}")
+    if qtype == "first_letter":
+        return "What is the first letter of the word?", scene.word[0]
+    if qtype == "higher":
+        if abs(scene.left.cy - scene.right.cy) < MIN_GAP:
+            raise ValueError("the shapes are at about the same height: 'higher' is ambiguous; ask another type")
+        return "Which shape is higher, left or right?", "left" if scene.left.cy < scene.right.cy else "right"
+    if qtype == "bigger":
+        if abs(scene.left.size - scene.right.size) < MIN_GAP:
+            raise ValueError("the shapes are about the same size: 'bigger' is ambiguous; ask another type")
+        return "Which shape is bigger, left or right?", "left" if scene.left.size > scene.right.size else "right"
+    if qtype == "count":
+        kind = rng.choice(SHAPES)
+        return f"How many {kind}s are there?", COUNT_WORDS[(scene.left.shape, scene.right.shape).count(kind)]
+    raise ValueError(f"unknown question type {qtype!r}; use one of {ALL_QUESTION_TYPES}")
+
+
+def can_ask(scene: Scene, qtype: str) -> bool:
+    """Whether `ask(scene, qtype)` has one unambiguous answer."""
+    if qtype == "color":
+        return scene.left.shape != scene.right.shape
+    if qtype == "higher":
+        return abs(scene.left.cy - scene.right.cy) >= MIN_GAP
+    if qtype == "bigger":
+        return abs(scene.left.size - scene.right.size) >= MIN_GAP
+    return True
 
 
 def normalize(text: str) -> str:
@@ -167,52 +198,76 @@ def _training_type(scene: Scene, mix: float, rng: random.Random) -> str:
     return qtype
 
 
-def make_examples(n: int, seed: int, stage: str, question_mix: float | None = None) -> list[dict]:
+def _check_types(question_types) -> tuple[str, ...]:
+    types = tuple(question_types)
+    unknown = [t for t in types if t not in ALL_QUESTION_TYPES]
+    if not types or unknown or len(set(types)) != len(types):
+        raise ValueError(f"question_types={list(types)}: give distinct names from {ALL_QUESTION_TYPES}")
+    return types
+
+
+def make_examples(n: int, seed: int, stage: str, question_mix: float | None = None,
+                  question_types: tuple[str, ...] | list[str] | None = None) -> list[dict]:
     """`n` examples in TRL's conversational format, deterministic per `seed`.
 
     - "pretrain": "Describe the image." → caption, plus a `question_mix` fraction of questions (default 0);
     - "finetune": questions at `question_mix` (default 0.8, so each of the five types is 20 %);
     - "heldout": example i has type `QUESTION_TYPES[i % 5]`; a scene that cannot take its type is redrawn.
+
+    `question_types` (default `QUESTION_TYPES`, drawn exactly as before) may name any of `ALL_QUESTION_TYPES`:
+    training stages then draw uniformly among its types other than "describe" (a type the scene cannot take is
+    redrawn), and "heldout" cycles through it.
     """
     _check_arguments(n, stage, question_mix)
+    types = None if question_types is None else _check_types(question_types)
     rng = random.Random(seed)
     mix = question_mix if question_mix is not None else DEFAULT_QUESTION_MIX.get(stage)
     examples = []
     while len(examples) < n:
         scene = sample_scene(rng)
         if stage == "heldout":
-            qtype = QUESTION_TYPES[len(examples) % len(QUESTION_TYPES)]
-            if qtype == "color" and scene.left.shape == scene.right.shape:
+            qtype = (types or QUESTION_TYPES)[len(examples) % len(types or QUESTION_TYPES)]
+            if not can_ask(scene, qtype):
                 continue  # draw a new scene, keeping the type cycle
-        else:
+        elif types is None:
             qtype = _training_type(scene, mix, rng)
+        else:
+            questions = [t for t in types if t != "describe" and can_ask(scene, t)]
+            wants_question = rng.random() < mix or "describe" not in types
+            if wants_question and not questions:
+                continue
+            qtype = rng.choice(questions) if wants_question else "describe"
         examples.append(_example(scene, qtype, rng))
     return examples
 
 
-def make_dataset(n: int, seed: int, stage: str, question_mix: float | None = None):
+def make_dataset(n: int, seed: int, stage: str, question_mix: float | None = None,
+                 question_types: tuple[str, ...] | list[str] | None = None):
     """`make_examples` as a `datasets.Dataset` (`images`: a list of PIL images, `messages`, `question_type`,
     `answer`), the layout TRL's `SFTTrainer` takes for vision-language models."""
     from datasets import Dataset
 
-    return Dataset.from_list(make_examples(n, seed, stage, question_mix))
+    return Dataset.from_list(make_examples(n, seed, stage, question_mix, question_types))
 
 
 AnswerFn = Callable[[list[Image.Image], list[str]], list[str]]
 
 
 def evaluate(answer_fn: AnswerFn, n: int = 500, seed: int = 12345, batch_size: int = 16,
-             progress: bool = True) -> dict:
+             progress: bool = True, question_types: tuple[str, ...] | list[str] | None = None,
+             details: list | None = None) -> dict:
     """Exact-match accuracy on `n` held-out examples: {"overall": …, one entry per question type, "n": n}.
 
     `answer_fn(images, questions)` gets up to `batch_size` PIL images and questions and returns one answer each.
+    `question_types` as in `make_examples` (default: the five); `details`, a list, receives one bool per example
+    (paired tests compare two models example by example).
     """
     from tqdm.auto import tqdm
 
     if n < 1 or batch_size < 1:
         raise ValueError(f"n={n!r} and batch_size={batch_size!r} must both be >= 1")
-    examples = make_examples(n, seed, "heldout")
-    hits: dict[str, list[bool]] = {qtype: [] for qtype in QUESTION_TYPES}
+    examples = make_examples(n, seed, "heldout", question_types=question_types)
+    hits: dict[str, list[bool]] = {qtype: [] for qtype in (question_types or QUESTION_TYPES)}
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="eval-shapes", unit="batch"):
         batch = examples[start:start + batch_size]
         questions = [example["messages"][0]["content"][1]["text"] for example in batch]
@@ -221,6 +276,8 @@ def evaluate(answer_fn: AnswerFn, n: int = 500, seed: int = 12345, batch_size: i
             raise ValueError(f"answer_fn returned {len(answers)} answers for {len(batch)} questions")
         for example, prediction in zip(batch, answers):
             hits[example["question_type"]].append(is_correct(prediction, example["answer"]))
+            if details is not None:
+                details.append(is_correct(prediction, example["answer"]))
     scores = {qtype: sum(values) / len(values) for qtype, values in hits.items() if values}
     scores["overall"] = sum(sum(values) for values in hits.values()) / n
     scores["n"] = n
