@@ -71,27 +71,15 @@ def weight_bytes(model) -> dict:
 def accuracy_section(args) -> dict:
     from transformers import AutoProcessor
 
-    from florence_vl.train.shapes import evaluate
+    from dtype_eval import held_out_answers  # the same greedy batched answers as the dtype comparison
 
     processor = AutoProcessor.from_pretrained(CHECKPOINT, trust_remote_code=True)
     results, reference = {}, None
     for variant in args.variants:
         model = load(CHECKPOINT, variant)
-        answers = []
-
-        def answer_batch(images, questions):
-            prompts = [processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-                add_generation_prompt=True) for question in questions]
-            inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
-            with torch.inference_mode():
-                output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
-            batch = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            answers.extend(batch)
-            return batch
-
         start = time.perf_counter()
-        scores = evaluate(answer_batch, n=args.n, seed=args.seed, batch_size=args.batch_size, progress=False)
+        scores, rows = held_out_answers(model, processor, args.n, args.seed, args.batch_size)
+        answers = [row["answer"] for row in rows]
         seconds = time.perf_counter() - start
         reference = reference if reference is not None else answers
         same = sum(a == b for a, b in zip(answers, reference)) / len(answers)
