@@ -16,21 +16,15 @@ layout (two batched matmuls, no copies); the float32 results agree to ~1e-6.
 
 import json
 import os
-import time
 
 import torch
+from bench_cpu import best_seconds  # best of `repeats` after one warm-up call
 
 F = torch.nn.functional
 
 
 def best(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return best_seconds(fn, repeats)
 
 
 def gemm(prefill_shape: bool = True) -> dict:
