@@ -618,6 +618,21 @@ def test_set_attn_implementation_keeps_davit_off_flash(model, inputs):
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_davit_channel_attention_in_place_equals_transformers(model):
+    """Our channel attention (FlorenceVLChannelAttention) gives transformers' DaViT output from the same weights,
+    through every stage, and keeps its state-dict keys (checkpoints load either way)."""
+    from transformers.models.florence2.modeling_florence2 import Florence2VisionBackbone
+
+    ours = model.model.vision_tower.davit
+    stock = Florence2VisionBackbone(ours.config).eval()
+    assert stock.load_state_dict(ours.state_dict()).missing_keys == []
+    assert {type(m).__name__ for m in ours.modules()} >= {"FlorenceVLChannelAttention"}
+    pixels = torch.randn(2, 3, model.config.image_size, model.config.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixels).last_hidden_state, stock(pixels).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_forward_with_static_cache_generates_like_eager(processor):
     """`torch.compile(fullgraph=True)` traces prefill (with the placeholder check) and decode without graph breaks."""
     model = build_model()
