@@ -11,14 +11,19 @@ decode-shaped linear (1 x 3072 -> 16384, the weight read once), float32 vs bfloa
 (`torch.backends.mkldnn.flags(enabled=False)`: ATen's own kernels). `channel_attention`: Florence-2-large's DaViT
 channel attention at 768 px per stage, in bf16, as transformers computes it (q/k/v permuted to (B, groups, C/g, N)
 and given to SDPA with a "head dim" of N tokens) vs the same product contracted over N on the (B, N, groups, C/g)
-layout (two batched matmuls, no copies); the float32 results agree to ~1e-6.
+layout (two batched matmuls, no copies); the float32 results agree to ~1e-6. `davit`: the whole Florence-2-large
+vision path at 768 px in bf16 with the model's channel attention (`FlorenceVLChannelAttention`, the second form) vs
+transformers' (same modules, class swapped), interleaved rounds, median of paired ratios.
 """
 
 import json
 import os
+import statistics
+import time
 
 import torch
 from bench_cpu import best_seconds  # best of `repeats` after one warm-up call
+from timing import paired_ratio
 
 F = torch.nn.functional
 
@@ -82,6 +87,43 @@ def channel_attention() -> dict:
     return results
 
 
+def davit(rounds: int = 3) -> dict:
+    """Florence-2-large's vision path at 768 px in bf16 (random weights), with our channel attention
+    (FlorenceVLChannelAttention, what the model runs) and with transformers' (the class swapped back on the same
+    modules), interleaved: DaViT alone and `get_image_features` (DaViT + 3 prompts through BART + projector)."""
+    from transformers.models.florence2.modeling_florence2 import Florence2VisionChannelAttention
+    from sizes import florence_vl_config
+
+    from florence_vl import FlorenceVLForConditionalGeneration
+    from florence_vl.modeling_florence_vl import FlorenceVLChannelAttention
+
+    model = FlorenceVLForConditionalGeneration._from_config(florence_vl_config("large", "toy", 768),
+                                                            dtype=torch.bfloat16).eval()
+    attention = [m for m in model.modules() if isinstance(m, FlorenceVLChannelAttention)]
+    pixels = torch.randn(1, 3, 768, 768, dtype=torch.bfloat16)
+    times = {f"{part}_{kind}": [] for part in ("davit", "vision") for kind in ("ours", "stock")}
+    outputs = {}
+    for round_ in range(rounds + 1):  # round 0: warm-up
+        for kind, cls in (("ours", FlorenceVLChannelAttention), ("stock", Florence2VisionChannelAttention)):
+            for module in attention:
+                module.__class__ = cls
+            for part, fn in (("davit", lambda: model.model.vision_tower.davit(pixels).last_hidden_state),
+                             ("vision", lambda: model.model.get_image_features(pixels).pooler_output)):
+                start = time.perf_counter()
+                outputs[part, kind] = fn()
+                if round_:
+                    times[f"{part}_{kind}"].append(time.perf_counter() - start)
+    for module in attention:
+        module.__class__ = FlorenceVLChannelAttention
+    result = {name: statistics.median(values) for name, values in times.items()}
+    for part in ("davit", "vision"):
+        result[f"{part}_speedup"] = paired_ratio(times[f"{part}_stock"], times[f"{part}_ours"])
+        result[f"{part}_bf16_max_abs_diff"] = (outputs[part, "ours"].float() - outputs[part, "stock"].float()).abs(
+        ).max().item()
+    result["rounds"] = rounds
+    return result
+
+
 if __name__ == "__main__":
     with torch.inference_mode():
         report = {"onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "(native)"),
@@ -89,4 +131,5 @@ if __name__ == "__main__":
                   "gemm": gemm(prefill_shape="ONEDNN_MAX_CPU_ISA" not in os.environ)}
         if "ONEDNN_MAX_CPU_ISA" not in os.environ:  # bf16 attention on a capped ISA would take minutes
             report["channel_attention"] = channel_attention()
+            report["davit"] = davit()
     print(json.dumps(report, indent=1))

@@ -116,3 +116,26 @@ def test_a_finished_run_made_with_other_settings_is_refused(finished, monkeypatc
     monkeypatch.setitem(study.SCHEDULES, "ci", changed)
     with pytest.raises(ValueError, match="other settings"):
         study.main(["--out", str(finished), "--schedule", "ci", "--phases", "florence2"])
+
+
+def test_florence2_vision_stays_frozen_for_its_warmup_steps_then_trains(finished, tmp_path):
+    """`vision_freeze_steps`: DaViT and the image projection keep their initial weights for that many steps (the
+    decoder trains), and train after them (the "ci" schedule: 1 frozen step of 3)."""
+    import torch
+    from transformers import Florence2ForConditionalGeneration
+
+    from florence_vl.train import florence2_shapes
+
+    initial = florence2_shapes.build_model(florence2_shapes.build_processor().tokenizer, seed=0).state_dict()
+
+    def changed(folder):
+        weights = Florence2ForConditionalGeneration.from_pretrained(folder).state_dict()
+        return {name for name, value in weights.items() if name in initial and not torch.equal(value, initial[name])}
+
+    def is_vision(name):
+        return name.startswith(("model.vision_tower.", "model.multi_modal_projector."))
+
+    florence2_shapes.train(tmp_path, steps=2, batch_size=2, n_eval=1, vision_freeze_steps=2)
+    frozen_run = changed(tmp_path)
+    assert frozen_run and not any(is_vision(name) for name in frozen_run)
+    assert any(is_vision(name) for name in changed(finished / "florence2"))

@@ -28,7 +28,7 @@ METRICS = "metrics.json"
 # Fixed before any comparison was run (docs/study.md). "full" is the study; "ci" the same machinery at a few steps.
 SCHEDULES = {
     "full": dict(
-        florence2=dict(steps=3000, batch_size=32, learning_rate=1e-3, seed=0, n_eval=200),
+        florence2=dict(steps=3000, batch_size=32, learning_rate=1e-3, seed=0, n_eval=200, vision_freeze_steps=300),
         llm=dict(steps=1500, batch_size=32, learning_rate=1e-3, seed=0),
         stage1=dict(steps=600, batch_size=16, question_mix=0.3),  # learning rates: train/recipes/study_stage*.yaml
         stage2=dict(steps=600, batch_size=16, question_mix=0.8),
@@ -38,7 +38,7 @@ SCHEDULES = {
         alignment=dict(pairs=256, steps=200, lr=1e-3),
     ),
     "ci": dict(
-        florence2=dict(steps=3, batch_size=4, learning_rate=1e-3, seed=0, n_eval=3),
+        florence2=dict(steps=3, batch_size=4, learning_rate=1e-3, seed=0, n_eval=3, vision_freeze_steps=1),
         llm=dict(steps=3, batch_size=4, learning_rate=1e-3, seed=0),
         stage1=dict(steps=2, batch_size=2, question_mix=0.3),
         stage2=dict(steps=2, batch_size=2, question_mix=0.8),
