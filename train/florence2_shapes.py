@@ -280,6 +280,9 @@ def freeze_vision_callback(steps: int):
     init, 0.005 after 300 steps) that the decoder then learns to ignore. Frozen, the random DaViT's features (which do
     differ per image) are what the decoder learns to read; then DaViT trains on a gradient that carries the image.
     FlorenceVL's stage 1 has the same warm-up (`train/sft.py`, `--vision_freeze_steps`).
+    How long (2,400 steps x 32 of the three tasks, 100 held-out scenes): frozen for 300 steps, colours, shapes and
+    boxes were learned but not the word (caption exact match 0.13, OCR 0.09, detection recall 1.0): `<OCR>` is a third
+    of the batches and the decoder learns the templates first; frozen for 1,000 steps: 1.0, 1.0, 1.0.
     """
     from transformers import TrainerCallback
 

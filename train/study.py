@@ -28,7 +28,7 @@ METRICS = "metrics.json"
 # Fixed before any comparison was run (docs/study.md). "full" is the study; "ci" the same machinery at a few steps.
 SCHEDULES = {
     "full": dict(
-        florence2=dict(steps=3000, batch_size=32, learning_rate=1e-3, seed=0, n_eval=200, vision_freeze_steps=300),
+        florence2=dict(steps=2400, batch_size=32, learning_rate=1e-3, seed=0, n_eval=200, vision_freeze_steps=1000),
         llm=dict(steps=1500, batch_size=32, learning_rate=1e-3, seed=0),
         stage1=dict(steps=600, batch_size=16, question_mix=0.3),  # learning rates: train/recipes/study_stage*.yaml
         stage2=dict(steps=600, batch_size=16, question_mix=0.8),
