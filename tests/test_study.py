@@ -3,6 +3,7 @@ metrics and done-marker, a rerun skips finished runs and redoes an unfinished on
 pretrains is a native checkpoint that transformers loads (`from_pretrained`, `pipeline`)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,22 @@ def test_florence2_vision_stays_frozen_for_its_warmup_steps_then_trains(finished
     frozen_run = changed(tmp_path)
     assert frozen_run and not any(is_vision(name) for name in frozen_run)
     assert any(is_vision(name) for name in changed(finished / "florence2"))
+
+
+SHIPPED_FLORENCE2 = Path(__file__).resolve().parent.parent / "checkpoints" / "florence2-tiny-shapes"
+
+
+def test_the_shipped_tiny_florence2_does_its_three_tasks_on_held_out_scenes():
+    """checkpoints/florence2-tiny-shapes (the study's pretrained Florence-2) loaded as a user would, scored with
+    `post_process_generation` on 30 held-out scenes: every task at the issue's target (>= 0.9), and its card's
+    numbers are those of its own run."""
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    from florence_vl.train import florence2_shapes
+
+    model = Florence2ForConditionalGeneration.from_pretrained(SHIPPED_FLORENCE2)
+    processor = AutoProcessor.from_pretrained(SHIPPED_FLORENCE2)
+    scores = florence2_shapes.evaluate(model, processor, n=30, seed=12345)
+    assert min(scores["caption_exact_match"], scores["ocr_exact_match"], scores["od_recall@0.5"]) >= 0.9, scores
+    shipped = json.loads((SHIPPED_FLORENCE2 / study.METRICS).read_text())["scores"]
+    assert f"OCR exact match {shipped['ocr_exact_match']:.3f}" in (SHIPPED_FLORENCE2 / "README.md").read_text()
