@@ -627,7 +627,8 @@ def test_davit_channel_attention_in_place_equals_transformers(model):
     stock = Florence2VisionBackbone(ours.config).eval()
     assert stock.load_state_dict(ours.state_dict()).missing_keys == []
     assert {type(m).__name__ for m in ours.modules()} >= {"FlorenceVLChannelAttention"}
-    pixels = torch.randn(2, 3, model.config.image_size, model.config.image_size, generator=torch.Generator().manual_seed(0))
+    side = model.config.image_size
+    pixels = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(pixels).last_hidden_state, stock(pixels).last_hidden_state,
                                    rtol=1e-5, atol=1e-5)
