@@ -119,11 +119,18 @@ class FlorenceVLChannelAttention(Florence2VisionChannelAttention):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, tokens, 3, self.groups, width // self.groups)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, groups, tokens, width / groups)
-        scores = (query.transpose(-1, -2) @ key) * tokens**-0.5  # (batch, groups, width / groups, width / groups)
-        weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)
-        output = value @ weights.transpose(-1, -2)  # (batch, groups, tokens, width / groups)
-        return self.proj(output.transpose(1, 2).reshape(batch, tokens, width))
+        return self.proj(channel_attention_on_layout(qkv))
+
+
+def channel_attention_on_layout(qkv: torch.Tensor) -> torch.Tensor:
+    """DaViT's grouped channel attention from qkv of shape (batch, tokens, 3, groups, width / groups), contracted
+    over the tokens on strided views; returns (batch, tokens, width)."""
+    batch, tokens, _, groups, group_width = qkv.shape
+    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, groups, tokens, width / groups)
+    scores = (query.transpose(-1, -2) @ key) * tokens**-0.5  # (batch, groups, width / groups, width / groups)
+    weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)
+    output = value @ weights.transpose(-1, -2)  # (batch, groups, tokens, width / groups)
+    return output.transpose(1, 2).reshape(batch, tokens, groups * group_width)
 
 
 class FlorenceVLDaViT(Florence2VisionBackbone):
